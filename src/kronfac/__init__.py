@@ -1,12 +1,16 @@
 """kronfac: Kronecker-factored deep learning for PyTorch."""
 
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
+from kronfac.optim import KFAC, KFACPreconditioner, KronOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KFAC",
     "CholeskyConfig",
     "EighConfig",
     "InverseConfig",
+    "KFACPreconditioner",
+    "KronOptimizer",
     "__version__",
 ]

@@ -1,0 +1,183 @@
+"""Hooks that feed layer inputs and output gradients to each layer's curvature statistics.
+
+Hooks exist only while a curvature update is due (:meth:`Capture.install` / :meth:`Capture.remove`), so steps
+without one pay nothing. Output gradients are read by a tensor hook registered on the layer's output in the
+forward hook; a tensor hook registered before an in-place op (``ReLU(inplace=True)``) receives the gradient
+w.r.t. the value at registration time, so in-place ops after the layer are safe.
+
+For the ``mc`` and ``type2`` Fisher types a forward hook on the model samples output gradients right after the
+forward pass and back-propagates them with ``torch.autograd.grad`` (no ``.grad`` is touched); the user's own
+backward pass then leaves the statistics alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from kronfac.curvature.block import CurvatureStatistics
+from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
+from kronfac.layers.base import LayerAdapter
+
+__all__ = ["Capture", "TrackedLayer"]
+
+
+@dataclass(eq=False)
+class TrackedLayer:
+    """A module with an adapter and the curvature statistics it feeds."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    block: CurvatureStatistics
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            if isinstance(item, Tensor):
+                return item
+    raise TypeError(
+        f"kronfac: cannot find the model output tensor in a {type(output).__name__}; pass output_fn= to pick it"
+    )
+
+
+class Capture:
+    """Installs and removes the curvature hooks of a set of tracked layers.
+
+    Args:
+        model: the root module (its forward hook drives MC / type2 sampling).
+        layers: tracked layers.
+        fisher_type: which Fisher the output gradients estimate.
+        loss: loss of the model output (needed for ``mc`` and ``type2``).
+        loss_average: rows the loss is averaged over (sets the scale of G).
+        mc_samples: number of sampled labels per input for ``mc``.
+        seed: seed of the generator that samples labels (its state is part of the optimizer state).
+        grad_scale: callable returning the current loss scale of a GradScaler (empirical Fisher only).
+        output_fn: picks the logits from the model's output when it is not a tensor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[TrackedLayer],
+        *,
+        fisher_type: FisherType,
+        loss: LossType,
+        loss_average: LossAverage,
+        mc_samples: int = 1,
+        seed: int = 0,
+        grad_scale: Callable[[], float] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+    ) -> None:
+        self.model, self.layers = model, layers
+        self.fisher_type, self.loss, self.loss_average = fisher_type, loss, loss_average
+        self.mc_samples, self.seed = mc_samples, seed
+        self.grad_scale, self.output_fn = grad_scale, output_fn
+        self._handles: list[RemovableHandle] = []
+        self._sampling = False
+        self._count = 1
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        if self.fisher_type is not FisherType.EMPIRICAL:
+            self._handles.append(self.model.register_forward_hook(self._sample_hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    close = remove
+
+    # -- generator state (for bit-identical resumption of MC runs) ------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+            else:
+                self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {"generator": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generator, self._generator_state = None, state.get("generator")
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def _row_count(self, rows: Tensor) -> int:
+        if self.loss_average is LossAverage.BATCH:
+            return rows.shape[0]
+        if self.loss_average is LossAverage.BATCH_SEQUENCE:
+            return rows.shape[0] * rows.shape[1]
+        return 1
+
+    def _forward_hook(self, layer: TrackedLayer) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            rows = layer.adapter.input_rows(module, args[0].detach())
+            layer.block.add_inputs(rows)
+            count = self._row_count(rows)
+            output.register_hook(lambda grad: self._grad_hook(layer, count, grad))
+
+        return hook
+
+    def _grad_hook(self, layer: TrackedLayer, row_count: int, grad: Tensor) -> None:
+        sampled = self.fisher_type is not FisherType.EMPIRICAL
+        if sampled != self._sampling:
+            return  # MC/type2 statistics come from our own backward pass, not the user's
+        rows = layer.adapter.output_grad_rows(layer.module, grad.detach())
+        if sampled:
+            # Sampled gradients are those of the summed loss: G = (1/M) Σ g g^T.
+            layer.block.add_output_grads(rows, 1.0 / row_count, self._count)
+            return
+        if self.grad_scale is not None:
+            rows = rows / self.grad_scale()
+            if not bool(torch.isfinite(rows).all()):
+                return  # GradScaler will skip this step; keep the statistics clean
+        # The user's loss is averaged over M rows, grad = g / M: G = M Σ grad grad^T.
+        layer.block.add_output_grads(rows, float(row_count), 1)
+
+    def _sample_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        logits = self.output_fn(output) if self.output_fn is not None else _first_tensor(output)
+        if not logits.requires_grad:
+            return
+        weights = [layer.params[0] for layer in self.layers]
+        grads = sampled_output_grads(
+            logits, self.fisher_type, self.loss, self.mc_samples, self.generator(logits.device)
+        )
+        self._sampling = True
+        try:
+            for i, grad in enumerate(grads):
+                # type2 columns sum into one sample; MC samples each count once.
+                self._count = 1 if (self.fisher_type is FisherType.MC or i == 0) else 0
+                torch.autograd.grad(
+                    logits, weights, grad_outputs=grad.to(logits.dtype), retain_graph=True, allow_unused=True
+                )
+        finally:
+            self._sampling = False

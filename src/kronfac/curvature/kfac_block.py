@@ -1,0 +1,53 @@
+"""K-FAC's curvature block: EMA Kronecker factors plus their damped inverse from an inverse backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from kronfac.curvature.block import CurvatureBlock
+from kronfac.curvature.factors import KroneckerFactors
+from kronfac.linalg.base import (
+    InverseConfig,
+    KroneckerInverse,
+    build_inverse,
+    inverse_from_state,
+    inverse_to_state,
+)
+
+__all__ = ["KFACBlock"]
+
+
+class KFACBlock(KroneckerFactors, CurvatureBlock):
+    """Factors ``A``, ``G`` and ``(G ⊗ A + λI)^{-1}`` as given by ``inverse`` (refreshed every few steps)."""
+
+    def __init__(self, d_in: int, d_out: int, *, name: str, inverse: InverseConfig, **kwargs: Any) -> None:
+        super().__init__(d_in, d_out, **kwargs)
+        self.name, self.inverse_config = name, inverse
+        self.inverse: KroneckerInverse | None = None
+
+    def refresh(self, **hyper: Any) -> None:
+        """Rebuild the inverse with ``hyper["damping"]`` (kept unchanged until factors exist)."""
+        if self.a_factor is None or self.g_factor is None:
+            return
+        self.inverse = build_inverse(
+            self.inverse_config,
+            self.a_factor,
+            self.g_factor,
+            float(hyper["damping"]),
+            previous=self.inverse,
+            layer=self.name,
+        )
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        return grad if self.inverse is None else self.inverse.precondition(grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["inverse"] = None if self.inverse is None else inverse_to_state(self.inverse)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.inverse = None if state["inverse"] is None else inverse_from_state(state["inverse"])

@@ -1,0 +1,173 @@
+"""Functional SINGD kernel: the update of the structured inverse-free factors, independent of any optimizer.
+
+SINGD: Lin, Dangel, Eschenhagen, Bae, Turner, Makhzani, "Structured Inverse-Free Natural Gradient Descent:
+Memory-Efficient & Numerically-Stable KFAC", ICML 2024 (arXiv:2312.05705); IKFAC and the dense case: Lin et al.,
+ICML 2023. Notation of DESIGN.md: ``A = E[a a^T]`` (``d_i x d_i``), ``G = E[g g^T]`` (``d_o x d_o``). SINGD keeps
+``K`` and ``C`` with ``K K^T ≈ A^{-1}``, ``C C^T ≈ G^{-1}``, and momenta ``m_K``, ``m_C``, all in a structure
+``S`` with its projection ``Π`` (see :mod:`kronfac.curvature.structures`). One update, with
+``H_K = Π(K^T A K)`` and ``H_C = Π(C^T G C)``::
+
+    m_K <- α1 m_K + ½ [ (tr H_C / d_o) H_K + λ (tr Π(C^T C) / d_o) Π(K^T K) - I ]
+    m_C <- α1 m_C + ½ [ (tr H_K / d_i) H_C + λ (tr Π(K^T K) / d_i) Π(C^T C) - I ]
+    K   <- K - β1 K m_K,        C <- C - β1 C m_C
+
+IKFAC (``kfac_like=True``) drops the trace factors (they become 1) and the Riemannian momentum (``α1 = 0``);
+its fixed point is ``K^T (A + λI) K = I``, i.e. ``K K^T = (A + λI)^{-1}`` for the dense and triangular
+structures. The preconditioned gradient is ``C C^T ∇W K K^T``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from torch import Tensor
+
+from kronfac.curvature.structures.base import StructuredMatrix
+
+__all__ = [
+    "SINGDFactors",
+    "batch_inner",
+    "factor_inner",
+    "precondition",
+    "singd_step",
+    "update_factors",
+]
+
+
+class SINGDFactors(NamedTuple):
+    """The SINGD state of one layer: ``K``, ``C`` and their momenta ``m_K``, ``m_C``."""
+
+    K: StructuredMatrix
+    C: StructuredMatrix
+    m_K: StructuredMatrix
+    m_C: StructuredMatrix
+
+
+def batch_inner(K: StructuredMatrix, x: Tensor, num_samples: float | None = None) -> StructuredMatrix:
+    """``Π(K^T A K)`` with ``A = x^T x / num_samples`` from the ``N x d`` batch matrix ``x``, never forming ``A``.
+
+    Args:
+        K: The structured factor (``d x d``).
+        x: Batch of layer inputs ``a`` (or output gradients ``g``), one row per sample (or location).
+        num_samples: Normaliser of ``x^T x``; defaults to the number of rows ``N``.
+
+    Raises:
+        ValueError: If ``x`` is not ``N x d`` or ``num_samples`` is not positive.
+    """
+    if x.ndim != 2 or x.shape[1] != K.dim:
+        raise ValueError(f"Invalid x: shape {tuple(x.shape)} (must be N x {K.dim})")
+    norm = float(x.shape[0] if num_samples is None else num_samples)
+    if norm <= 0:
+        raise ValueError(f"Invalid num_samples: {num_samples} (must be > 0)")
+    # scale x, not the result, so that half-precision sums do not overflow
+    return K.from_inner((x.to(K.dtype) / math.sqrt(norm)).T)
+
+
+def factor_inner(K: StructuredMatrix, factor: Tensor) -> StructuredMatrix:
+    """``Π(K^T A K)`` for a given symmetric ``A`` (``d x d``, or its diagonal as a vector)."""
+    if factor.shape[0] != K.dim or factor.ndim not in (1, 2):
+        raise ValueError(f"Invalid factor: shape {tuple(factor.shape)} (must be {K.dim} x {K.dim} or {K.dim})")
+    return K.from_inner_matrix(factor.to(K.dtype))
+
+
+def update_factors(
+    factors: SINGDFactors,
+    H_K: StructuredMatrix,
+    H_C: StructuredMatrix,
+    *,
+    damping: float,
+    alpha1: float,
+    lr_cov: float,
+    kfac_like: bool = False,
+) -> SINGDFactors:
+    """One SINGD (or IKFAC) update of ``K, C, m_K, m_C`` from ``H_K = Π(K^T A K)`` and ``H_C = Π(C^T G C)``.
+
+    Args:
+        factors: Current ``K, C, m_K, m_C``.
+        H_K: ``Π(K^T A K)`` in ``K``'s structure (see :func:`batch_inner`, :func:`factor_inner`).
+        H_C: ``Π(C^T G C)`` in ``C``'s structure.
+        damping: ``λ``.
+        alpha1: ``α1``, the Riemannian momentum of ``m_K, m_C`` (ignored when ``kfac_like``).
+        lr_cov: ``β1``, the step size of ``K`` and ``C``.
+        kfac_like: IKFAC: no trace factors and no Riemannian momentum.
+
+    Returns:
+        The updated factors; every matrix stays in its structure.
+
+    Raises:
+        ValueError: If a hyperparameter is out of range.
+    """
+    if damping < 0:
+        raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
+    if not 0.0 <= alpha1 < 1.0:
+        raise ValueError(f"Invalid alpha1: {alpha1} (must be in [0, 1))")
+    if lr_cov < 0:
+        raise ValueError(f"Invalid lr_cov: {lr_cov} (must be >= 0)")
+    K, C, m_K, m_C = factors
+    KtK, CtC = K.from_inner(), C.from_inner()
+    if kfac_like:
+        coeff_HK = coeff_HC = 1.0
+        coeff_KtK = coeff_CtC = damping
+        alpha1 = 0.0
+    else:
+        # the traces stay tensors: no host synchronisation on accelerators
+        coeff_HK, coeff_HC = H_C.trace() / C.dim, H_K.trace() / K.dim
+        coeff_KtK, coeff_CtC = damping * CtC.trace() / C.dim, damping * KtK.trace() / K.dim
+    new_m_K = H_K.scale(coeff_HK).add(KtK, alpha=coeff_KtK).add_diagonal(-1.0).scale(0.5)
+    new_m_C = H_C.scale(coeff_HC).add(CtC, alpha=coeff_CtC).add_diagonal(-1.0).scale(0.5)
+    if alpha1 != 0.0:
+        new_m_K = new_m_K.add(m_K, alpha=alpha1)
+        new_m_C = new_m_C.add(m_C, alpha=alpha1)
+    new_K = K.add(K.mm(new_m_K), alpha=-lr_cov)
+    new_C = C.add(C.mm(new_m_C), alpha=-lr_cov)
+    return SINGDFactors(new_K, new_C, new_m_K, new_m_C)
+
+
+def singd_step(
+    factors: SINGDFactors,
+    *,
+    a: Tensor | None = None,
+    g: Tensor | None = None,
+    a_factor: Tensor | None = None,
+    g_factor: Tensor | None = None,
+    damping: float,
+    alpha1: float,
+    lr_cov: float,
+    kfac_like: bool = False,
+    num_a_samples: float | None = None,
+    num_g_samples: float | None = None,
+) -> SINGDFactors:
+    """One SINGD update from either the batch matrices ``a`` (``N x d_i``), ``g`` (``N x d_o``) or the factors.
+
+    Give exactly one of ``a`` / ``a_factor`` and one of ``g`` / ``g_factor``. With batch matrices
+    ``A = a^T a / num_a_samples`` and ``G = g^T g / num_g_samples`` (defaults: the number of rows); the batch
+    form costs ``O(N d)`` per structure entry instead of ``O(d^3)`` and never forms ``A`` or ``G``.
+
+    Raises:
+        ValueError: If not exactly one source is given for a side.
+    """
+    K, C = factors.K, factors.C
+    if (a is None) == (a_factor is None):
+        raise ValueError("Invalid inputs: give exactly one of a, a_factor")
+    if (g is None) == (g_factor is None):
+        raise ValueError("Invalid inputs: give exactly one of g, g_factor")
+    H_K = batch_inner(K, a, num_a_samples) if a is not None else factor_inner(K, a_factor)  # type: ignore[arg-type]
+    H_C = batch_inner(C, g, num_g_samples) if g is not None else factor_inner(C, g_factor)  # type: ignore[arg-type]
+    return update_factors(factors, H_K, H_C, damping=damping, alpha1=alpha1, lr_cov=lr_cov, kfac_like=kfac_like)
+
+
+def precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+    """``C C^T ∇W K K^T`` for the ``d_o x d_i`` gradient matrix ``∇W``, computed in the factors' dtypes.
+
+    Returns:
+        The preconditioned gradient in ``grad``'s dtype.
+
+    Raises:
+        ValueError: If the shapes do not match.
+    """
+    if grad.ndim != 2 or grad.shape != (C.dim, K.dim):
+        raise ValueError(f"Invalid grad: shape {tuple(grad.shape)} (must be {C.dim} x {K.dim})")
+    right = K.matmul(K.matmul_t(grad.T.to(K.dtype))).T  # ∇W K K^T = (K K^T ∇W^T)^T
+    out = C.matmul(C.matmul_t(right.to(C.dtype)))
+    return out.to(grad.dtype)

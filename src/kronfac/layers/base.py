@@ -1,0 +1,83 @@
+"""Layer adapters: how one module type exposes its Kronecker-factor inputs and its gradient matrix.
+
+Every adapter speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of shape ``d_o x d_i``:
+
+* ``input_rows(module, x)`` returns ``(N, R, d_i)``: batch, weight-sharing positions (sequence entries,
+  conv locations; ``R = 1`` for a plain MLP) and the layer input, with a trailing 1 when there is a bias.
+* ``output_grad_rows(module, grad_out)`` returns ``(N, R, d_o)``, the gradient w.r.t. the layer output.
+* ``grad_matrix(module)`` returns ``∇W`` as ``d_o x d_i`` (bias gradient as the last column), and
+  ``split(module, matrix)`` maps such a matrix back to one tensor per parameter (in ``params`` order).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+__all__ = ["LayerAdapter", "UnsupportedModuleError", "adapter_for", "register_adapter"]
+
+
+class UnsupportedModuleError(ValueError):
+    """A module of a supported type is configured in a way the adapter cannot represent."""
+
+
+class LayerAdapter(ABC):
+    """Reshapes for one module type. Stateless: one shared instance per type."""
+
+    module_types: ClassVar[tuple[type[nn.Module], ...]]
+    #: True when the input-side factor A is diagonal and kept as a vector (Embedding).
+    diagonal_a: ClassVar[bool] = False
+
+    def check(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`UnsupportedModuleError` if this module's configuration is not supported."""
+
+    def params(self, module: nn.Module) -> list[nn.Parameter]:
+        bias = getattr(module, "bias", None)
+        return [module.weight] if bias is None else [module.weight, bias]  # type: ignore[list-item]
+
+    def has_bias(self, module: nn.Module) -> bool:
+        return getattr(module, "bias", None) is not None
+
+    @abstractmethod
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_i, d_o)``, with the bias column counted in ``d_i``."""
+
+    @abstractmethod
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Layer input as ``(N, R, d_i)`` (for a diagonal A: integer indices ``(N, R)``)."""
+
+    @abstractmethod
+    def output_grad_rows(self, module: nn.Module, grad_out: Tensor) -> Tensor:
+        """Gradient w.r.t. the layer output as ``(N, R, d_o)``."""
+
+    @abstractmethod
+    def grad_matrix(self, module: nn.Module) -> Tensor:
+        """The parameters' gradients as one ``d_o x d_i`` matrix."""
+
+    @abstractmethod
+    def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`grad_matrix` for any ``d_o x d_i`` matrix: one tensor per parameter."""
+
+    @abstractmethod
+    def param_matrix(self, module: nn.Module) -> Tensor:
+        """The parameters themselves as one ``d_o x d_i`` matrix (for weight decay in matrix form)."""
+
+
+_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
+
+
+def register_adapter(adapter: LayerAdapter) -> LayerAdapter:
+    """Register an adapter instance for its module types (exact type match, subclasses included)."""
+    for module_type in adapter.module_types:
+        _ADAPTERS[module_type] = adapter
+    return adapter
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for ``module``'s type (walking its MRO), or ``None`` if the type is unsupported."""
+    for cls in type(module).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None

@@ -1,0 +1,52 @@
+"""``nn.Linear``, with any number of leading dimensions (sequence entries become weight-sharing positions)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kronfac.layers.base import LayerAdapter, register_adapter
+
+__all__ = ["LinearAdapter"]
+
+
+def append_ones(x: Tensor) -> Tensor:
+    """Append a column of ones on the last dimension (the bias input)."""
+    return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
+
+
+class LinearAdapter(LayerAdapter):
+    module_types = (nn.Linear,)
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Linear)
+        return module.in_features + self.has_bias(module), module.out_features
+
+    def input_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1, x.shape[-1])
+        return append_ones(x) if self.has_bias(module) else x
+
+    def output_grad_rows(self, module: nn.Module, grad_out: Tensor) -> Tensor:
+        return grad_out.reshape(grad_out.shape[0] if grad_out.ndim > 1 else 1, -1, grad_out.shape[-1])
+
+    def grad_matrix(self, module: nn.Module) -> Tensor:
+        grads = [p.grad for p in self.params(module)]
+        if any(g is None for g in grads):
+            raise RuntimeError("layer has no gradient")
+        if len(grads) == 1:
+            return grads[0]  # type: ignore[return-value]
+        return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)  # type: ignore[union-attr]
+
+    def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
+        if self.has_bias(module):
+            return [matrix[:, :-1], matrix[:, -1]]
+        return [matrix]
+
+    def param_matrix(self, module: nn.Module) -> Tensor:
+        params = self.params(module)
+        if len(params) == 1:
+            return params[0].detach()
+        return torch.cat([params[0].detach(), params[1].detach().unsqueeze(1)], dim=1)
+
+
+register_adapter(LinearAdapter())

@@ -1,0 +1,146 @@
+"""Kronecker factors against the exact Fisher/GGN blocks built with torch.func (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kronfac
+from reference import empirical_fisher_block, ggn_block_mse, kron_block
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def factors_after_one_step(model: nn.Module, layer: str, x: torch.Tensor, loss_fn, **kwargs):
+    opt = kronfac.KFAC(model, lr=0.0, factor_dtype=torch.float64, kl_clip=None, **kwargs)
+    loss_fn(model(x)).backward()
+    opt.step()
+    opt.close()
+    block = opt.layers[layer].block
+    return block.a_factor, block.g_factor
+
+
+def cross_entropy(target: torch.Tensor):
+    return lambda out: nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+LINEAR_CASES = {
+    "linear-bias": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
+    "linear-nobias": (lambda: nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
+    "conv-stride-pad-dilation": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)
+        ),
+        (1, 2, 3, 3),
+    ),
+    "conv-nobias": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 3), bias=False), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)),
+        (1, 2, 2, 3),
+    ),
+}
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_empirical_fisher_batch_one_equals_kronecker(case: str, approx: str) -> None:
+    build, shape = LINEAR_CASES[case]
+    model = build()
+    x, target = torch.randn(shape), torch.tensor([1])
+    a, g = factors_after_one_step(model, "0", x, cross_entropy(target), approx=approx)
+    dense = empirical_fisher_block(model, "0", x, cross_entropy(target))
+    torch.testing.assert_close(kron_block(a, g), dense, atol=1e-8, rtol=1e-8)
+
+
+def test_empirical_fisher_embedding_single_token() -> None:
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, target = torch.tensor([[2]]), torch.tensor([[0]])
+    a, g = factors_after_one_step(model, "0", x, cross_entropy(target))
+    assert a.ndim == 1 and a.shape == (6,)
+    dense = empirical_fisher_block(model, "0", x, cross_entropy(target))
+    torch.testing.assert_close(kron_block(a, g), dense, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 3)])
+@pytest.mark.parametrize("layer", ["0", "1", "2"])
+def test_kfac_expand_equals_ggn_of_deep_linear_network(
+    layer: str, shape: tuple[int, ...], bias: bool
+) -> None:
+    model = nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Linear(4, 5, bias=bias), nn.Linear(5, 2, bias=bias))
+    x = torch.randn(shape)
+    a, g = factors_after_one_step(
+        model, layer, x, lambda out: out.square().sum() / shape[0], fisher_type="type2", loss="mse"
+    )
+    dense = ggn_block_mse(model, layer, x, normaliser=shape[0])
+    torch.testing.assert_close(kron_block(a, g), dense, atol=1e-8, rtol=1e-8)
+
+
+def test_mc_fisher_approaches_exact_fisher() -> None:
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
+    x, target = torch.randn(32, 5), torch.randint(0, 4, (32,))
+    _, exact = factors_after_one_step(model, "2", x, cross_entropy(target), fisher_type="type2")
+    errors = []
+    for samples in (1, 16, 256):
+        _, mc = factors_after_one_step(
+            model, "2", x, cross_entropy(target), fisher_type="mc", mc_samples=samples
+        )
+        errors.append(float((mc - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < errors[0] / 4  # ~1/sqrt(S): 16x fewer samples error expected at 256 vs 1
+    assert errors[2] < 0.1
+
+
+def test_mc_fisher_mse_is_unbiased_for_ggn() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    _, exact = factors_after_one_step(
+        model, "1", x, lambda o: o.square().sum() / 8, fisher_type="type2", loss="mse"
+    )
+    _, mc = factors_after_one_step(
+        model, "1", x, lambda o: o.square().sum() / 8, fisher_type="mc", loss="mse", mc_samples=4000
+    )
+    torch.testing.assert_close(mc, exact, atol=0.05 * float(exact.abs().max()), rtol=0.0)
+
+
+def test_inplace_op_after_layer_gives_same_factors() -> None:
+    x, target = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+        results.append(factors_after_one_step(model, "0", x, cross_entropy(target)))
+    torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0)
+    for fisher_type in ("mc", "type2"):
+        mc = []
+        for inplace in (False, True):
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+            mc.append(
+                factors_after_one_step(model, "0", x, cross_entropy(target), fisher_type=fisher_type)[1]
+            )
+        torch.testing.assert_close(mc[0], mc[1], atol=1e-12, rtol=0)
+
+
+def test_reduce_factors_match_their_definition() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(3 * 9, 2))
+    x = torch.randn(4, 2, 4, 4)
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(module, grad_in, grad_out) -> None:
+        grads["go"] = grad_out[0]
+
+    x.requires_grad_(True)
+    model[0].register_full_backward_hook(keep)
+    a, g = factors_after_one_step(model, "0", x, lambda o: o.square().sum() / 4, approx="reduce")
+    patches = nn.functional.unfold(x, 2).transpose(1, 2)
+    patches = torch.cat([patches, torch.ones(4, 9, 1)], dim=2).mean(dim=1)
+    torch.testing.assert_close(a, patches.T @ patches / 4)
+    summed = grads["go"].flatten(2).sum(2) * 4  # loss averaged over 4 samples: g = 4 grad_out
+    torch.testing.assert_close(g, summed.T @ summed / 4)
