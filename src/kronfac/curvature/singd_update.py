@@ -106,6 +106,10 @@ def update_factors(
         raise ValueError(f"Invalid lr_cov: {lr_cov} (must be >= 0)")
     K, C, m_K, m_C = factors
     KtK, CtC = K.from_inner(), C.from_inner()
+    coeff_HK: float | Tensor
+    coeff_HC: float | Tensor
+    coeff_KtK: float | Tensor
+    coeff_CtC: float | Tensor
     if kfac_like:
         coeff_HK = coeff_HC = 1.0
         coeff_KtK = coeff_CtC = damping
