@@ -27,9 +27,7 @@ def grad_matrix_from(module: nn.Module, grads: dict[str, Tensor], layer: str) ->
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 
-def empirical_fisher_block(
-    model: nn.Module, layer: str, x: Tensor, loss_fn: Callable[[Tensor], Tensor]
-) -> Tensor:
+def empirical_fisher_block(model: nn.Module, layer: str, x: Tensor, loss_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``vec(∇W) vec(∇W)^T`` (row-major vec) for the loss on one batch: with batch size 1 this is the block of
     the empirical Fisher."""
     params = dict(model.named_parameters())

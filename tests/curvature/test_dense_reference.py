@@ -70,9 +70,7 @@ def test_empirical_fisher_embedding_single_token() -> None:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 3)])
 @pytest.mark.parametrize("layer", ["0", "1", "2"])
-def test_kfac_expand_equals_ggn_of_deep_linear_network(
-    layer: str, shape: tuple[int, ...], bias: bool
-) -> None:
+def test_kfac_expand_equals_ggn_of_deep_linear_network(layer: str, shape: tuple[int, ...], bias: bool) -> None:
     model = nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Linear(4, 5, bias=bias), nn.Linear(5, 2, bias=bias))
     x = torch.randn(shape)
     a, g = factors_after_one_step(
@@ -88,9 +86,7 @@ def test_mc_fisher_approaches_exact_fisher() -> None:
     _, exact = factors_after_one_step(model, "2", x, cross_entropy(target), fisher_type="type2")
     errors = []
     for samples in (1, 16, 256):
-        _, mc = factors_after_one_step(
-            model, "2", x, cross_entropy(target), fisher_type="mc", mc_samples=samples
-        )
+        _, mc = factors_after_one_step(model, "2", x, cross_entropy(target), fisher_type="mc", mc_samples=samples)
         errors.append(float((mc - exact).norm() / exact.norm()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < errors[0] / 4  # ~1/sqrt(S): 16x fewer samples error expected at 256 vs 1
@@ -100,9 +96,7 @@ def test_mc_fisher_approaches_exact_fisher() -> None:
 def test_mc_fisher_mse_is_unbiased_for_ggn() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     x = torch.randn(8, 3)
-    _, exact = factors_after_one_step(
-        model, "1", x, lambda o: o.square().sum() / 8, fisher_type="type2", loss="mse"
-    )
+    _, exact = factors_after_one_step(model, "1", x, lambda o: o.square().sum() / 8, fisher_type="type2", loss="mse")
     _, mc = factors_after_one_step(
         model, "1", x, lambda o: o.square().sum() / 8, fisher_type="mc", loss="mse", mc_samples=4000
     )
@@ -122,9 +116,7 @@ def test_inplace_op_after_layer_gives_same_factors() -> None:
         for inplace in (False, True):
             torch.manual_seed(1)
             model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
-            mc.append(
-                factors_after_one_step(model, "0", x, cross_entropy(target), fisher_type=fisher_type)[1]
-            )
+            mc.append(factors_after_one_step(model, "0", x, cross_entropy(target), fisher_type=fisher_type)[1])
         torch.testing.assert_close(mc[0], mc[1], atol=1e-12, rtol=0)
 
 

@@ -165,8 +165,8 @@ class Capture:
         if not torch.is_grad_enabled():
             return
         logits = self.output_fn(output) if self.output_fn is not None else _first_tensor(output)
-        if not logits.requires_grad:
-            return
+        if not logits.requires_grad or not bool(torch.isfinite(logits).all()):
+            return  # non-finite outputs: the optimizer's gradient check reports them
         weights = [layer.params[0] for layer in self.layers]
         grads = sampled_output_grads(
             logits, self.fisher_type, self.loss, self.mc_samples, self.generator(logits.device)

@@ -50,8 +50,7 @@ def sampled_output_grads(
     if loss is LossType.MSE:
         if fisher_type is FisherType.MC:
             return [
-                math.sqrt(2.0)
-                * torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+                math.sqrt(2.0) * torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
                 for _ in range(samples)
             ]
         eye = torch.eye(classes, device=out.device, dtype=out.dtype) * math.sqrt(2.0)

@@ -65,6 +65,15 @@ class LayerAdapter(ABC):
         """The parameters themselves as one ``d_o x d_i`` matrix (for weight decay in matrix form)."""
 
 
+def require_grads(params: list[nn.Parameter]) -> list[Tensor]:
+    """The parameters' ``.grad`` tensors; ``RuntimeError`` if one is missing."""
+    grads = [p.grad for p in params]
+    missing = [i for i, g in enumerate(grads) if g is None]
+    if missing:
+        raise RuntimeError("layer has no gradient (was backward() called?)")
+    return grads  # type: ignore[return-value]
+
+
 _ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, register_adapter
+from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, register_adapter, require_grads
 from kronfac.layers.linear import append_ones
 
 __all__ = ["Conv2dAdapter"]
@@ -39,9 +39,7 @@ class Conv2dAdapter(LayerAdapter):
     def check(self, module: nn.Module) -> None:
         assert isinstance(module, nn.Conv2d)
         if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"Conv2d with groups={module.groups} is not supported (groups=1 only)"
-            )
+            raise UnsupportedModuleError(f"Conv2d with groups={module.groups} is not supported (groups=1 only)")
         if module.padding_mode != "zeros":
             raise UnsupportedModuleError(
                 f"Conv2d with padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
@@ -69,13 +67,11 @@ class Conv2dAdapter(LayerAdapter):
         return grad_out.flatten(2).transpose(1, 2)
 
     def grad_matrix(self, module: nn.Module) -> Tensor:
-        params = self.params(module)
-        if any(p.grad is None for p in params):
-            raise RuntimeError("layer has no gradient")
-        weight = params[0].grad.flatten(1)  # type: ignore[union-attr]
-        if len(params) == 1:
+        grads = require_grads(self.params(module))
+        weight = grads[0].flatten(1)
+        if len(grads) == 1:
             return weight
-        return torch.cat([weight, params[1].grad.unsqueeze(1)], dim=1)  # type: ignore[union-attr]
+        return torch.cat([weight, grads[1].unsqueeze(1)], dim=1)
 
     def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
         assert isinstance(module, nn.Conv2d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerAdapter, register_adapter
+from kronfac.layers.base import LayerAdapter, register_adapter, require_grads
 
 __all__ = ["LinearAdapter"]
 
@@ -30,12 +30,10 @@ class LinearAdapter(LayerAdapter):
         return grad_out.reshape(grad_out.shape[0] if grad_out.ndim > 1 else 1, -1, grad_out.shape[-1])
 
     def grad_matrix(self, module: nn.Module) -> Tensor:
-        grads = [p.grad for p in self.params(module)]
-        if any(g is None for g in grads):
-            raise RuntimeError("layer has no gradient")
+        grads = require_grads(self.params(module))
         if len(grads) == 1:
-            return grads[0]  # type: ignore[return-value]
-        return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)  # type: ignore[union-attr]
+            return grads[0]
+        return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)
 
     def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
         if self.has_bias(module):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 from abc import abstractmethod
-from enum import Enum
 from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Any
 
 import torch
@@ -106,9 +106,7 @@ class KronOptimizer(Optimizer):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (must be 'raise' or 'skip')")
         self.fisher_type = _enum(FisherType, "fisher_type", fisher_type)
         self.loss = _enum(LossType, "loss", loss)
-        self.loss_average = _enum(
-            LossAverage, "loss_average", "sum" if loss_average is None else loss_average
-        )
+        self.loss_average = _enum(LossAverage, "loss_average", "sum" if loss_average is None else loss_average)
         self.approx = _enum(Approximation, "approx", approx)
         self.factor_every, self.on_nonfinite, self.factor_dtype = factor_every, on_nonfinite, factor_dtype
         self.model = model
@@ -147,9 +145,7 @@ class KronOptimizer(Optimizer):
 
     # -- construction -----------------------------------------------------------------------------------
     @abstractmethod
-    def make_block(
-        self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool
-    ) -> CurvatureBlock:
+    def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
         """The curvature block this method keeps for one layer."""
 
     def _discover_layers(self, group_of: dict[nn.Parameter, int]) -> None:
@@ -160,18 +156,14 @@ class KronOptimizer(Optimizer):
             try:
                 adapter.check(module)
             except UnsupportedModuleError as exc:
-                warnings.warn(
-                    f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=3
-                )
+                warnings.warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=3)
                 continue
             params = adapter.params(module)
             groups = {group_of.get(p) for p in params}
             if None in groups or not all(p.requires_grad for p in params):
                 continue  # frozen or not optimised by this optimizer
             if len(groups) > 1:
-                raise ValueError(
-                    f"Invalid param_groups: the parameters of layer {name!r} are in different groups"
-                )
+                raise ValueError(f"Invalid param_groups: the parameters of layer {name!r} are in different groups")
             d_in, d_out = adapter.dims(module)
             block = self.make_block(name, module, d_in, d_out, adapter.diagonal_a)
             layer = TrackedLayer(name, module, adapter, block, params)
@@ -221,10 +213,7 @@ class KronOptimizer(Optimizer):
         if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
             return True
         bad = next(
-            p
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and not p.grad.isfinite().all()
+            p for g in self.param_groups for p in g["params"] if p.grad is not None and not p.grad.isfinite().all()
         )
         owner = next((n for n, layer in self.layers.items() if any(q is bad for q in layer.params)), None)
         where = f"layer {owner!r}" if owner is not None else f"parameter {self._name(bad)!r}"

@@ -97,9 +97,7 @@ class KFAC(KronOptimizer):
         }
         super().__init__(model, defaults, factor_every=factor_every, **kwargs)
 
-    def make_block(
-        self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool
-    ) -> CurvatureBlock:
+    def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
         device = module.weight.device
         return KFACBlock(
             d_in,
@@ -165,9 +163,7 @@ class KFAC(KronOptimizer):
         kl_clip = self.group_value(group, "kl_clip")
         vg = torch.stack([(u * g).sum() for _, g, u in directions]).sum() * lr**2
         # ν = min(1, sqrt(κ / vg)); a non-positive vg (lr = 0 or round-off) leaves the step alone.
-        return torch.where(vg > 0, torch.sqrt(kl_clip / vg.clamp_min(1e-30)), torch.ones_like(vg)).clamp_max(
-            1.0
-        )
+        return torch.where(vg > 0, torch.sqrt(kl_clip / vg.clamp_min(1e-30)), torch.ones_like(vg)).clamp_max(1.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

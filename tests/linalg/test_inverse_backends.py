@@ -1,0 +1,101 @@
+"""Eigh and Cholesky backends against dense damped solves (float64), and the robust build path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from kronfac.linalg import CholeskyConfig, EighConfig, build_inverse
+from kronfac.linalg.cholesky import pi_correction
+
+
+def spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank or 2 * n, generator=g, dtype=torch.float64)
+    return x @ x.T / x.shape[1]
+
+
+def vec_solve(matrix: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve(matrix, grad.reshape(-1)).reshape(grad.shape)
+
+
+@pytest.mark.parametrize("diagonal_a", [False, True])
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_eigh_equals_dense_damped_solve(diagonal_a: bool, rank_deficient: bool) -> None:
+    a = spd(5, 0, rank=2 if rank_deficient else None)
+    a = a.diagonal().clone() if diagonal_a else a
+    g = spd(3, 1, rank=1 if rank_deficient else None)
+    grad = torch.randn(3, 5, dtype=torch.float64)
+    damping = 1e-2
+    dense_a = torch.diag(a) if diagonal_a else a
+    expected = vec_solve(torch.kron(g, dense_a) + damping * torch.eye(15, dtype=torch.float64), grad)
+    inverse = EighConfig().build(a, g, damping)
+    torch.testing.assert_close(inverse.precondition(grad), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal_a", [False, True])
+@pytest.mark.parametrize("use_pi", [True, False])
+def test_cholesky_equals_dense_factored_damped_solve(diagonal_a: bool, use_pi: bool) -> None:
+    a = spd(4, 2)
+    a = a.diagonal().clone() if diagonal_a else a
+    g = spd(3, 3) * 7.0
+    grad = torch.randn(3, 4, dtype=torch.float64)
+    damping = 1e-2
+    pi = pi_correction(a, g) if use_pi else 1.0
+    dense_a = torch.diag(a) if diagonal_a else a
+    eye_a, eye_g = torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    root = damping**0.5
+    matrix = torch.kron(g + root / pi * eye_g, dense_a + pi * root * eye_a)
+    inverse = CholeskyConfig(pi_correction=use_pi).build(a, g, damping)
+    torch.testing.assert_close(inverse.precondition(grad), vec_solve(matrix, grad), atol=1e-10, rtol=1e-10)
+    if use_pi:
+        assert pi == pytest.approx(
+            (a.sum() / 4 / (g.trace() / 3)).sqrt().item()
+            if diagonal_a
+            else (a.trace() / 4 / (g.trace() / 3)).sqrt().item()
+        )
+
+
+def test_failed_float32_eigh_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.linalg.eigh
+
+    def flaky(matrix: torch.Tensor, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated convergence failure")
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    a, g = spd(4, 0).float(), spd(3, 1).float()
+    inverse = build_inverse(EighConfig(), a, g, 1e-3, previous=None, layer="fc")
+    assert inverse is not None and inverse.tensors()["q_g"].dtype == torch.float64
+    grad = torch.randn(3, 4)
+    assert inverse.precondition(grad).dtype == torch.float32
+
+
+def test_eigh_failure_keeps_last_good_inverse_with_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, g = spd(4, 0), spd(3, 1)
+    good = build_inverse(EighConfig(), a, g, 1e-3, previous=None, layer="fc")
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.warns(RuntimeWarning, match="'fc'.*keeping the last good inverse"):
+        kept = build_inverse(EighConfig(), a, g, 1e-3, previous=good, layer="fc")
+    assert kept is good
+
+
+def test_non_finite_factor_is_not_accepted_as_inverse() -> None:
+    a, g = spd(4, 0), spd(3, 1)
+    a[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert build_inverse(CholeskyConfig(), a, g, 1e-3, previous=None, layer="fc") is None
+    assert caught
+
+
+def test_bad_config_values() -> None:
+    with pytest.raises(ValueError, match="min_eigenvalue"):
+        EighConfig(min_eigenvalue=-1.0)
