@@ -1,0 +1,17 @@
+"""Structure tests for UpperTriangularMatrix: the generic suite of :mod:`structure_mixin` plus its own references."""
+
+from __future__ import annotations
+
+import torch
+from structure_mixin import StructureTestMixin
+from torch import Tensor
+
+
+class TestUpperTriangularMatrix(StructureTestMixin):
+    NAME = "upper_triangular"
+
+    def reference_projection(self, mat: Tensor) -> Tensor:
+        return torch.triu(mat)
+
+    def expected_num_params(self, dim: int) -> int:
+        return dim * (dim + 1) // 2
