@@ -126,7 +126,7 @@ def test_non_finite_gradients_raise_naming_the_layer(name: str) -> None:
     x, y = batches(1)[0]
     x[0, 0, 0, 0] = float("nan")
     nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(FloatingPointError, match="layer '0'|non-finite"):
+    with pytest.raises(FloatingPointError, match=r"layer '0'"):
         opt.step()
 
 

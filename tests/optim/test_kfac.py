@@ -202,5 +202,5 @@ def test_kfac_invalid_arguments() -> None:
     ]:
         with pytest.raises(ValueError, match=name):
             kronfac.KFAC(model, **kwargs)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         kronfac.KFAC(list(model.parameters()))
