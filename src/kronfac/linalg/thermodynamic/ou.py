@@ -37,6 +37,8 @@ __all__ = ["OUMode", "OUResult", "check_spd", "ou_transition", "simulate_ou"]
 
 #: Chunk length of the batched recurrence: memory is ``d * CHUNK^2`` numbers, work per sample ``O(d k CHUNK)``.
 CHUNK = 64
+#: Decay exponents beyond this are flushed to zero (see :func:`_decay`).
+FLUSH = 48.0
 
 
 class OUMode(str, Enum):
@@ -164,6 +166,12 @@ def ou_transition(
     return (basis @ z).reshape(state.shape)
 
 
+def _decay(exponent: Tensor) -> Tensor:
+    """``exp(-exponent)``, flushed to zero below ``e^-FLUSH``: subnormal numbers make CPU matmuls crawl, and
+    a factor below 1e-21 next to the unit diagonal of the recurrence is below float64 round-off anyway."""
+    return torch.where(exponent < FLUSH, torch.exp(-exponent), torch.zeros_like(exponent))
+
+
 def _batch_sizes(num_samples: int, num_batches: int) -> list[int]:
     batches = min(num_batches, num_samples)
     base, extra = divmod(num_samples, batches)
@@ -256,8 +264,8 @@ def simulate_ou(
     # Chunked recurrence z_j = a z_{j-1} + η_j:  z_{1..L} = a^{1..L} z_0 + P η with P[j, i] = a^{j-i} (i <= j).
     lags = torch.arange(CHUNK, dtype=dtype, device=matrix.device)
     lag_matrix = lags.unsqueeze(1) - lags.unsqueeze(0)
-    transfer = torch.exp(-rates.view(d, 1, 1) * step * lag_matrix.clamp_min(0)) * (lag_matrix >= 0)
-    decay_powers = torch.exp(-rates.unsqueeze(1) * step * (lags + 1))
+    transfer = _decay(rates.view(d, 1, 1) * step * lag_matrix.clamp_min(0)) * (lag_matrix >= 0)
+    decay_powers = _decay(rates.unsqueeze(1) * step * (lags + 1))
     decay = torch.exp(-rates * step).unsqueeze(1)
     noise_std = torch.sqrt(-torch.expm1(-2 * rates * step) / (beta * rates)).view(d, 1, 1)
     drive = ((1 - decay) * mean).unsqueeze(1)
