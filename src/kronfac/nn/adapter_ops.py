@@ -35,9 +35,7 @@ _FORMAT_VERSION = "1"
 def _wrappers_or_raise(model: nn.Module, action: str) -> dict[str, KronALinear | KronABlock]:
     wrappers = adapter_modules(model)
     if not wrappers:
-        raise ValueError(
-            f"Cannot {action}: the model has no Kronecker adapters (call add_kron_adapters first)"
-        )
+        raise ValueError(f"Cannot {action}: the model has no Kronecker adapters (call add_kron_adapters first)")
     return wrappers
 
 
@@ -162,8 +160,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str]) -> AdapterRepo
     else:
         if sorted(existing) != sorted(config):
             raise ValueError(
-                "Adapter file does not match the model: "
-                f"file has {sorted(config)}, model has {sorted(existing)}"
+                f"Adapter file does not match the model: file has {sorted(config)}, model has {sorted(existing)}"
             )
         for name, w in existing.items():
             if w.merged:

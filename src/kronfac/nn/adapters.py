@@ -179,12 +179,9 @@ class AdapterReport:
     def __str__(self) -> str:
         lines = ["| module | variant | A | B | adapter params |", "|---|---|---|---|---:|"]
         for a in self.adapters:
-            lines.append(
-                f"| {a.name} | {a.variant} | {a.factor_shapes[0]} | {a.factor_shapes[1]} | {a.params} |"
-            )
+            lines.append(f"| {a.name} | {a.variant} | {a.factor_shapes[0]} | {a.factor_shapes[1]} | {a.params} |")
         lines.append(
-            f"\ntrainable: {self.trainable_params} / {self.total_params} "
-            f"({100 * self.trainable_fraction:.3f}%)"
+            f"\ntrainable: {self.trainable_params} / {self.total_params} ({100 * self.trainable_fraction:.3f}%)"
         )
         return "\n".join(lines)
 
@@ -272,9 +269,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def wrap_module(
-    model: nn.Module, name: str, variant: str, factors: KronShape, scale: float
-) -> AdapterWrapper:
+def wrap_module(model: nn.Module, name: str, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
     """Wrap ``model.<name>`` in place with an adapter of the given variant and shapes (no freezing)."""
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
@@ -353,18 +348,17 @@ def add_kron_adapters(
     plan = []
     for name in names:
         module = model.get_submodule(name)
+        if isinstance(module, KronALinear | KronABlock):
+            raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
         if variant == "krona" and not isinstance(module, nn.Linear):
             raise ValueError(
                 f"Cannot add a 'krona' adapter to {name!r}: it is {type(module).__name__}, not nn.Linear; "
                 "target Linear layers, or use variant='krona_block' for whole blocks"
             )
-        if isinstance(module, KronALinear | KronABlock):
-            raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
         d_in, d_out = _block_features(name, module)
         if variant == "krona_block_res" and d_in != d_out:
             raise ValueError(
-                f"{name!r}: krona_block_res needs in == out features, "
-                f"got {d_in} -> {d_out}; use 'krona_block'"
+                f"{name!r}: krona_block_res needs in == out features, got {d_in} -> {d_out}; use 'krona_block'"
             )
         plan.append((name, resolve_adapter_factors(name, d_out, d_in, _spec_for(name, factors))))
     for p in model.parameters():

@@ -97,9 +97,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _convert(
-    name: str, module: nn.Module, compression: float, tolerance: float
-) -> tuple[nn.Module, LayerCompression]:
+def _convert(name: str, module: nn.Module, compression: float, tolerance: float) -> tuple[nn.Module, LayerCompression]:
     dense_params = sum(p.numel() for p in module.parameters())
     if isinstance(module, nn.Linear):
         try:

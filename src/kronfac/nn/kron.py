@@ -82,9 +82,7 @@ def kron_matvec(a: Tensor, b: Tensor, x: Tensor, *, order: ContractionOrder = "a
     a1, a2 = a.shape
     b1, b2 = b.shape
     if x.ndim == 0 or x.shape[-1] != a2 * b2:
-        raise ValueError(
-            f"Invalid x: last dimension must be a2*b2 = {a2}*{b2} = {a2 * b2}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"Invalid x: last dimension must be a2*b2 = {a2}*{b2} = {a2 * b2}, got shape {tuple(x.shape)}")
     resolved = _resolve_order(a, b, order)
     lead = x.shape[:-1]
     xm = x.reshape(-1, a2, b2)

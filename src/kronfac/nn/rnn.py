@@ -79,9 +79,7 @@ class StructuredRNN(nn.Module):
         if mode not in _GATES:
             raise ValueError(f"Invalid mode: {mode!r}; allowed: {sorted(_GATES)}")
         if input_size < 1 or hidden_size < 1:
-            raise ValueError(
-                f"Invalid sizes: input_size={input_size}, hidden_size={hidden_size}; must be >= 1"
-            )
+            raise ValueError(f"Invalid sizes: input_size={input_size}, hidden_size={hidden_size}; must be >= 1")
         if num_layers < 1:
             raise ValueError(f"Invalid num_layers: {num_layers}; must be >= 1")
         if not 0.0 <= dropout < 1.0:
@@ -275,12 +273,8 @@ class KronRNNBase(StructuredRNN):
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from err
             else:
-                raise ValueError(
-                    f"{name}: pass compression=<ratio> or factors={{{name!r}: ((m1, n1), (m2, n2))}}"
-                )
-            layer = KronLinear(
-                in_features, out_features, factors=shape, bias=False, device=device, dtype=dtype
-            )
+                raise ValueError(f"{name}: pass compression=<ratio> or factors={{{name!r}: ((m1, n1), (m2, n2))}}")
+            layer = KronLinear(in_features, out_features, factors=shape, bias=False, device=device, dtype=dtype)
             init_kron_factors(layer.kron_a, layer.kron_b, hidden_size)
             return layer
 
@@ -299,9 +293,7 @@ class KronRNNBase(StructuredRNN):
         )
         unknown = set(explicit) - used
         if unknown:
-            raise ValueError(
-                f"Invalid factors: unknown weight names {sorted(unknown)}; known: {sorted(self.weights)}"
-            )
+            raise ValueError(f"Invalid factors: unknown weight names {sorted(unknown)}; known: {sorted(self.weights)}")
 
     def kron_weight(self, name: str) -> KronLinear:
         """The :class:`KronLinear` holding weight ``name`` (e.g. ``"weight_hh_l0"``)."""
@@ -357,9 +349,7 @@ class KronRNNBase(StructuredRNN):
         """
         dense_cls = nn.LSTM if cls._mode == "LSTM" else nn.GRU
         if type(rnn) is not dense_cls:
-            raise ValueError(
-                f"Invalid rnn: {cls.__name__}.from_dense expects nn.{cls._mode}, got {type(rnn)}"
-            )
+            raise ValueError(f"Invalid rnn: {cls.__name__}.from_dense expects nn.{cls._mode}, got {type(rnn)}")
         assert isinstance(rnn, nn.LSTM | nn.GRU)
         if getattr(rnn, "proj_size", 0):
             raise ValueError("Invalid rnn: proj_size > 0 is not supported")
