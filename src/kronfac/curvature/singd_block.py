@@ -1,0 +1,156 @@
+"""SINGD's curvature block: structured inverse-free factors ``K``, ``C`` and their momenta for one layer.
+
+SINGD (Lin, Dangel, Eschenhagen et al., ICML 2024). Unlike K-FAC's block, it never stores ``A`` or ``G``: the
+capture hooks feed each batch straight into ``Π(K^T a^T a K)`` and ``Π(C^T g^T g C)`` in the structures of
+``K`` and ``C``, so the per-layer memory is O(structure). On a due step, :meth:`SINGDBlock.commit` applies the
+update of :mod:`kronfac.curvature.singd_update`. Statistics are normalised exactly like K-FAC's factors
+(:mod:`kronfac.curvature.factors`): ``A`` is the mean over sample rows, ``G`` is scaled as for a summed loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kronfac.curvature.block import (
+    Approximation,
+    CurvatureBlock,
+    reduce_input_rows,
+    reduce_output_grad_rows,
+)
+from kronfac.curvature.singd_update import SINGDFactors, precondition, update_factors
+from kronfac.curvature.structures import StructuredMatrix, StructureSpec, make_structure, structure_from_state
+
+__all__ = ["SINGDBlock"]
+
+
+class SINGDBlock(CurvatureBlock):
+    """``K`` (input side, ``d_i``), ``C`` (output side, ``d_o``) and momenta, plus the pending batch terms.
+
+    Args:
+        d_in: ``d_i`` (with the bias column).
+        d_out: ``d_o``.
+        name: layer name (for messages).
+        structures: structure specs of ``K`` and ``C`` (see :func:`~kronfac.curvature.structures.parse_structure`).
+        diagonal_a: the inputs are indices and ``A`` is diagonal (Embedding): ``K`` is then kept diagonal.
+        approx: ``expand`` or ``reduce`` for weight-sharing positions.
+        dtype: dtype of ``K, C, m_K, m_C`` and of the computations with them.
+        device: their device.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        name: str,
+        structures: tuple[StructureSpec, StructureSpec],
+        diagonal_a: bool = False,
+        approx: Approximation = Approximation.EXPAND,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        self.name, self.diagonal_a, self.approx = name, diagonal_a, approx
+        spec_K = "diagonal" if diagonal_a else structures[0]
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.factors = SINGDFactors(
+            make_structure(spec_K, d_in, **kw),
+            make_structure(structures[1], d_out, **kw),
+            make_structure(spec_K, d_in, fill="zeros", **kw),
+            make_structure(structures[1], d_out, fill="zeros", **kw),
+        )
+        self.failed: str | None = None
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._h_K: StructuredMatrix | None = None
+        self._h_C: StructuredMatrix | None = None
+        self._a_count = 0
+        self._g_count = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.factors.K.dtype
+
+    # -- batch statistics -------------------------------------------------------------------------------
+    def add_inputs(self, rows: Tensor) -> None:
+        K = self.factors.K
+        if self.diagonal_a:
+            flat = rows.reshape(-1)
+            counts = torch.bincount(flat, minlength=K.dim).to(self.dtype)
+            term, count = K.from_inner_matrix(counts), flat.numel()
+        else:
+            samples = reduce_input_rows(rows.to(self.dtype), self.approx)
+            term, count = K.from_inner(samples.T), samples.shape[0]
+        self._h_K = term if self._h_K is None else self._h_K.add(term)
+        self._a_count += count
+
+    def add_output_grads(self, rows: Tensor, scale: float, count: int) -> None:
+        samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
+        term = self.factors.C.from_inner(samples.T).scale(scale)
+        self._h_C = term if self._h_C is None else self._h_C.add(term)
+        self._g_count += count
+
+    def has_pending(self) -> bool:
+        return self._h_K is not None and self._h_C is not None and self._a_count > 0 and self._g_count > 0
+
+    def pending_nonfinite(self) -> str | None:
+        if self._h_K is not None and not self._h_K.is_finite():
+            return "A"
+        if self._h_C is not None and not self._h_C.is_finite():
+            return "G"
+        return None
+
+    def discard_pending(self) -> None:
+        self._reset_pending()
+
+    def commit(
+        self,
+        *,
+        damping: float = 1e-3,
+        alpha1: float = 0.5,
+        lr_cov: float = 1e-2,
+        kfac_like: bool = False,
+        **_: Any,
+    ) -> None:
+        """Apply one SINGD update with the pending ``H_K``, ``H_C``; keep the old state if it turns non-finite
+        (``failed`` then names the factor, for the optimizer to report)."""
+        if not self.has_pending():
+            raise RuntimeError(f"no curvature statistics were captured for layer {self.name!r}")
+        assert self._h_K is not None and self._h_C is not None
+        H_K, H_C = self._h_K.scale(1.0 / self._a_count), self._h_C.scale(1.0 / self._g_count)
+        self._reset_pending()
+        new = update_factors(
+            self.factors,
+            H_K,
+            H_C,
+            damping=float(damping),
+            alpha1=float(alpha1),
+            lr_cov=float(lr_cov),
+            kfac_like=bool(kfac_like),
+        )
+        self.failed = next((n for n, m in zip(new._fields, new) if not m.is_finite()), None)
+        if self.failed is None:
+            self.factors = new
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        """``C C^T ∇W K K^T`` (in the block's dtype, returned in ``grad``'s dtype)."""
+        return precondition(self.factors.K, self.factors.C, grad)
+
+    def num_state_elements(self) -> int:
+        """Scalars held by ``K, C, m_K, m_C`` (the memory of this layer's optimizer state, in elements)."""
+        return sum(m.num_params() for m in self.factors)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: matrix.state_dict() for name, matrix in zip(self.factors._fields, self.factors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = [structure_from_state(state[name]).clone() for name in SINGDFactors._fields]
+        for old, new in zip(self.factors, loaded):
+            if type(old) is not type(new) or old.dim != new.dim:
+                raise ValueError(f"Invalid state for layer {self.name!r}: {new!r} does not match {old!r}")
+        self.factors = SINGDFactors(*(m.to(device=old.device) for m, old in zip(loaded, self.factors)))
+        self.failed = None
+        self._reset_pending()
