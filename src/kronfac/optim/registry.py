@@ -51,3 +51,19 @@ def _kfac_mc(model: nn.Module, **overrides: Any) -> Optimizer:
 
     options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "factor_every": 2, "fisher_type": "mc"}
     return KFAC(model, **{**options, **overrides})
+
+
+@register_optimizer("adafisher")
+def _adafisher(model: nn.Module, **overrides: Any) -> Optimizer:
+    from kronfac.optim.adafisher import AdaFisher
+
+    options: dict[str, Any] = {"lr": 1e-3, "update_every": 2, "weight_decay": 1e-4}
+    return AdaFisher(model, **{**options, **overrides})
+
+
+@register_optimizer("adafisherw")
+def _adafisherw(model: nn.Module, **overrides: Any) -> Optimizer:
+    from kronfac.optim.adafisher import AdaFisherW
+
+    options: dict[str, Any] = {"lr": 1e-3, "update_every": 3, "weight_decay": 1e-2, "averaging": "reference"}
+    return AdaFisherW(model, **{**options, **overrides})
