@@ -399,7 +399,7 @@ def main() -> None:
         )
     else:
         cfg = Config(
-            epochs={"digits": 25, "mnist1d": 25},
+            epochs={"digits": 20, "mnist1d": 20},
             finetune_epochs={"digits": 8, "mnist1d": 8},
             batch={"digits": 64, "mnist1d": 128},
         )
