@@ -13,7 +13,13 @@ from typing import Any
 
 from kronfac.linalg.thermodynamic.cost import WORKLOADS, CostModel
 from kronfac.linalg.thermodynamic.hardware import HardwareModel
-from kronfac.linalg.thermodynamic.report import cost_report, format_assumptions, format_table, plot_speedups
+from kronfac.linalg.thermodynamic.report import (
+    cost_report,
+    format_assumptions,
+    format_crossover,
+    format_table,
+    plot_speedups,
+)
 
 __all__ = ["add_parser", "build_model", "main", "run"]
 
@@ -96,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     for name, result in report["workloads"].items():
         crossover = result["crossover_width"]
         print(f"\n## {name}\n\n{format_table(result['rows'])}")
-        print(f"\ncrossover width: method 1 {crossover['thermo1']}, method 2 {crossover['thermo2']}")
+        print(
+            f"\ncrossover width: method 1 {format_crossover(crossover['thermo1'])},"
+            f" method 2 {format_crossover(crossover['thermo2'])}"
+        )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "thermo_cost.json").write_text(json.dumps(report, indent=2))

@@ -264,25 +264,29 @@ def sweep(model: CostModel, workload: str, widths: list[int]) -> list[dict[str, 
 def crossover_width(
     model: CostModel, workload: str = "square", method: str = "thermo1", max_width: int = 1 << 22
 ) -> int | None:
-    """Smallest width from which ``method`` is predicted faster per step than digital K-FAC.
+    """Width from which on ``method`` is predicted faster per step than digital K-FAC.
 
-    Scans widths geometrically (×2) for the first one where ``method`` wins, then bisects between it and the
-    previous width. Returns ``None`` if ``method`` never wins up to ``max_width``.
+    Evaluates the widths 1, 2, 4, ... up to ``max_width``, takes the last one where ``method`` loses (small
+    widths can win spuriously when fixed-size layers such as a ViT's patch embedding dominate), and bisects
+    between it and the next. Returns ``None`` if ``method`` still loses at ``max_width``, 1 if it never loses.
     """
     if method not in ("thermo1", "thermo2"):
         raise ValueError(f"Invalid method: {method!r} (must be 'thermo1' or 'thermo2')")
+    if workload not in WORKLOADS:
+        raise ValueError(f"Unknown workload {workload!r}; known: {sorted(WORKLOADS)}")
 
     def wins(width: int) -> bool:
         times = model.step_times(WORKLOADS[workload](width))
         return times[method] < times["kfac"]
 
-    if workload not in WORKLOADS:
-        raise ValueError(f"Unknown workload {workload!r}; known: {sorted(WORKLOADS)}")
-    low, high = 0, 1
-    while not wins(high):
-        low, high = high, 2 * high
-        if high > max_width:
-            return None
+    grid = [1 << k for k in range(max_width.bit_length()) if 1 << k <= max_width]
+    losing = [width for width in grid if not wins(width)]
+    if not losing:
+        return 1
+    low = losing[-1]
+    if low == grid[-1]:
+        return None
+    high = 2 * low
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (low, mid) if wins(mid) else (mid, high)

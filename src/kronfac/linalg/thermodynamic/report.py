@@ -8,7 +8,7 @@ from typing import Any
 
 from kronfac.linalg.thermodynamic.cost import CostModel, crossover_width, sweep
 
-__all__ = ["cost_report", "format_assumptions", "format_table", "plot_speedups"]
+__all__ = ["cost_report", "format_assumptions", "format_crossover", "format_table", "plot_speedups"]
 
 
 def cost_report(model: CostModel, workloads: list[str], widths: list[int]) -> dict[str, Any]:
@@ -23,6 +23,13 @@ def cost_report(model: CostModel, workloads: list[str], widths: list[int]) -> di
             for name in workloads
         },
     }
+
+
+def format_crossover(width: int | None) -> str:
+    """A crossover width as text: ``None`` (never within the scanned range) and 1 (at every width) in words."""
+    if width is None:
+        return "never (up to 4M)"
+    return "every width" if width == 1 else str(width)
 
 
 def format_assumptions(assumptions: dict[str, Any]) -> str:
