@@ -1,0 +1,154 @@
+"""AdaFisher vs Adam / AdamW vs K-FAC on the bench tasks (issue 4; Gomes et al., ICLR 2025 claim better accuracy
+and faster convergence than Adam).
+
+Every method gets the harness's learning-rate sweep on the validation split, then 3 seeded runs evaluated on the
+test split (``kronfac.bench.runner.run_method``). Budgets are cut to fit ~8 minutes on 2 shared CPU cores (see
+``BUDGETS``). The wall-clock cost per step is measured separately, interleaving the methods step by step on the
+same batches, so that load changes on the shared machine hit every method alike.
+
+Usage: ``python benchmarks/adafisher/run.py [--tasks ...] [--out DIR]``; writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kronfac.bench.methods import METHODS, Method, OptimizerTrainer, Trainer
+from kronfac.bench.runner import run_method
+from kronfac.bench.tasks import TASKS, Task
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from report import write_markdown  # noqa: E402
+
+#: (steps of a seeded run, steps of each sweep run) per task: shorter than the harness's full budgets.
+BUDGETS: dict[str, tuple[int, int]] = {
+    "mlp-digits": (300, 300),
+    "cnn-digits": (300, 300),
+    "mlp-mnist1d": (1000, 500),
+    "charlm": (150, 50),
+}
+SEEDS = (0, 1, 2)
+#: AdaFisher's benchmark settings: curvature every 10 steps (as K-FAC's bench settings), other values the defaults.
+ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10}
+ADAFISHER_LR_GRID = (3e-3, 1e-2, 3e-2)
+ADAM_LR_GRID = (3e-4, 1e-3, 3e-3)
+METHOD_ORDER = ("adam", "adamw", "adafisher", "adafisherw", "kfac")
+TIMING_STEPS = 40
+
+
+def _adafisher(weight_decay: float, decoupled: bool):
+    def make(model: torch.nn.Module, lr: float, task: Task) -> Trainer:
+        import kronfac
+
+        cls = kronfac.AdaFisherW if decoupled else kronfac.AdaFisher
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="kronfac.*first-order update")
+            opt = cls(model, lr=lr, weight_decay=weight_decay, **ADAFISHER_BENCH_OPTIONS, **task.curvature_options)
+        return OptimizerTrainer(model, opt, task)
+
+    return make
+
+
+def _adam(model: torch.nn.Module, lr: float, task: Task) -> Trainer:
+    return OptimizerTrainer(model, torch.optim.Adam(model.parameters(), lr=lr), task)
+
+
+def methods() -> dict[str, Method]:
+    """The compared methods: the harness's AdamW and K-FAC, plus Adam and AdaFisher(W) (registered if absent)."""
+    extra = [
+        Method("adam", _adam, ADAM_LR_GRID, "Adam (torch), no weight decay"),
+        Method(
+            "adafisher",
+            _adafisher(0.0, False),
+            ADAFISHER_LR_GRID,
+            "kronfac.AdaFisher, statistics every 10 steps, EMA 0.8, λ 1e-3",
+        ),
+        Method(
+            "adafisherw",
+            _adafisher(0.01, True),
+            ADAFISHER_LR_GRID,
+            "kronfac.AdaFisherW, decoupled weight decay 0.01 (as AdamW), statistics every 10 steps",
+        ),
+    ]
+    table = dict(METHODS)
+    for method in extra:
+        table.setdefault(method.name, method)
+    return {name: table[name] for name in METHOD_ORDER}
+
+
+def step_cost(task: Task, chosen: dict[str, float], table: dict[str, Method], seed: int = 0) -> dict[str, float]:
+    """Median ms per training step, methods interleaved step by step on the same batches."""
+    split = task.load()
+    trainers: dict[str, Trainer] = {}
+    for name in chosen:
+        torch.manual_seed(seed)
+        trainers[name] = table[name].make(task.build(split), chosen[name], task)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(TIMING_STEPS):
+        idx = torch.randint(0, len(split.x_train), (task.batch_size,), generator=generator)
+        x, y = split.x_train[idx], split.y_train[idx]
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step(x, y)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    for trainer in trainers.values():
+        trainer.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="*", default=list(BUDGETS))
+    parser.add_argument("--methods", nargs="*", default=list(METHOD_ORDER))
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the machine is shared: one thread per run keeps timings comparable
+    table = {name: m for name, m in methods().items() if name in args.methods}
+    began = time.perf_counter()
+    results: dict[str, Any] = {
+        "settings": {
+            "budgets": {t: BUDGETS[t] for t in args.tasks},
+            "seeds": list(SEEDS),
+            "torch_threads": 1,
+            "timing_steps": TIMING_STEPS,
+            "adafisher_options": ADAFISHER_BENCH_OPTIONS,
+            "torch": torch.__version__,
+        },
+        "tasks": {},
+    }
+    for task_name in args.tasks:
+        task = TASKS[task_name]
+        steps, sweep_steps = BUDGETS[task_name]
+        record: dict[str, Any] = {"description": task.description, "target": task.target, "methods": {}}
+        for name, method in table.items():
+            t0 = time.perf_counter()
+            out = run_method(task, method, steps=steps, sweep_steps=sweep_steps, seeds=SEEDS)
+            for run in out["runs"]:
+                run.pop("step_ms", None)  # summarised as median/mean; per-step lists would bloat the JSON
+            record["methods"][name] = out
+            print(f"{task_name:12s} {name:11s} lr={out['lr']:<7g} acc={out['summary']['accuracy_mean']:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+        chosen = {name: record["methods"][name]["lr"] for name in table}
+        record["step_ms_interleaved"] = step_cost(task, chosen, table)
+        results["tasks"][task_name] = record
+    results["settings"]["total_seconds"] = time.perf_counter() - began
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(write_markdown(results))
+    print(f"done in {results['settings']['total_seconds']:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
