@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from time import perf_counter
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from kronfac.curvature.block import CurvatureStatistics
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
 from kronfac.layers.base import LayerAdapter
 
-__all__ = ["Capture", "TrackedLayer"]
+__all__ = ["Capture", "CaptureListener", "TrackedLayer"]
 
 
 @dataclass(eq=False)
@@ -36,6 +37,13 @@ class TrackedLayer:
     adapter: LayerAdapter
     block: CurvatureStatistics
     params: list[nn.Parameter] = field(default_factory=list)
+
+
+class CaptureListener(Protocol):
+    """Told when a layer's batch statistics of the current step are complete (used by distributed K-FAC to
+    start communicating them while the backward pass continues)."""
+
+    def statistics_complete(self, layer: TrackedLayer) -> None: ...
 
 
 def _first_tensor(output: Any) -> Tensor:
@@ -89,6 +97,16 @@ class Capture:
         self._count = 1
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
+        #: Optional listener; only when one is set are completions tracked and hook time measured.
+        self.listener: CaptureListener | None = None
+        #: Seconds spent in the hooks since the last :meth:`reset_completion` (measured with a listener only).
+        self.factor_seconds = 0.0
+        self._open: dict[str, int] = {}
+
+    def reset_completion(self) -> None:
+        """Forget forward passes still waiting for their backward and zero :attr:`factor_seconds`."""
+        self._open.clear()
+        self.factor_seconds = 0.0
 
     @property
     def installed(self) -> bool:
@@ -138,10 +156,14 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
+            start = perf_counter() if self.listener is not None else 0.0
             rows = layer.adapter.input_rows(module, args[0].detach())
             layer.block.add_inputs(rows)
             count = self._row_count(rows)
             output.register_hook(lambda grad: self._grad_hook(layer, count, grad))
+            if self.listener is not None:
+                self._open[layer.name] = self._open.get(layer.name, 0) + 1
+                self.factor_seconds += perf_counter() - start
 
         return hook
 
@@ -149,10 +171,13 @@ class Capture:
         sampled = self.fisher_type is not FisherType.EMPIRICAL
         if sampled != self._sampling:
             return  # MC/type2 statistics come from our own backward pass, not the user's
+        start = perf_counter() if self.listener is not None else 0.0
         rows = layer.adapter.output_grad_rows(layer.module, grad.detach())
         if sampled:
             # Sampled gradients are those of the summed loss: G = (1/M) Σ g g^T.
             layer.block.add_output_grads(rows, 1.0 / row_count, self._count)
+            if self.listener is not None:
+                self.factor_seconds += perf_counter() - start
             return
         if self.grad_scale is not None:
             rows = rows / self.grad_scale()
@@ -160,6 +185,12 @@ class Capture:
                 return  # GradScaler will skip this step; keep the statistics clean
         # The user's loss is averaged over M rows, grad = g / M: G = M Σ grad grad^T.
         layer.block.add_output_grads(rows, float(row_count), 1)
+        if self.listener is not None:
+            # Complete once every forward call of the layer in this step has had its backward.
+            self._open[layer.name] = left = self._open.get(layer.name, 1) - 1
+            self.factor_seconds += perf_counter() - start
+            if left <= 0:
+                self.listener.statistics_complete(layer)
 
     def _sample_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled():
@@ -181,3 +212,9 @@ class Capture:
                 )
         finally:
             self._sampling = False
+        if self.listener is not None:
+            # Sampled statistics are complete once the sampling passes are done (in reverse layer order,
+            # the order a backward pass would complete them).
+            for layer in reversed(self.layers):
+                if self._open.pop(layer.name, 0):
+                    self.listener.statistics_complete(layer)

@@ -89,6 +89,14 @@ class KroneckerFactors(CurvatureStatistics):
         self._a_sum = self._g_sum = None
         self._a_count = self._g_count = 0
 
+    def pending_sums(self) -> tuple[Tensor | None, int, Tensor | None, int]:
+        """The unnormalised batch statistics ``(Σ a a^T, rows, Σ_scaled g g^T, samples)`` (for all-reduce)."""
+        return self._a_sum, self._a_count, self._g_sum, self._g_count
+
+    def set_pending_sums(self, a_sum: Tensor, a_count: int, g_sum: Tensor, g_count: int) -> None:
+        """Replace the batch statistics, e.g. by their sums over data-parallel ranks."""
+        self._a_sum, self._a_count, self._g_sum, self._g_count = a_sum, a_count, g_sum, g_count
+
     def batch_factors(self) -> tuple[Tensor, Tensor]:
         """The pending batch estimates ``(A_batch, G_batch)``."""
         if not self.has_pending():

@@ -141,6 +141,8 @@ class KronOptimizer(Optimizer):
         )
         self.steps = 0
         self.num_skipped = 0
+        #: Distributed engine (kronfac.distributed), set by optimizers that take ``distributed=``.
+        self._distributed: Any = None
         self._schedule_capture()
 
     # -- construction -----------------------------------------------------------------------------------
@@ -229,6 +231,8 @@ class KronOptimizer(Optimizer):
         """Fold the captured statistics of every layer into its running state (on due steps)."""
         if not self.curvature_due():
             return
+        if self._distributed is not None:
+            self._distributed.synchronize_statistics()  # pending statistics become the global batch's
         for group, layers in zip(self.param_groups, self.layer_groups):
             hyper = {k: resolve(v, self.steps) for k, v in group.items() if k != "params"}
             for layer in layers:
@@ -244,6 +248,8 @@ class KronOptimizer(Optimizer):
                 block.commit(**hyper)
 
     def discard_curvature(self) -> None:
+        if self._distributed is not None:
+            self._distributed.discard()
         for layer in self.layers.values():
             layer.block.discard_pending()
 
@@ -254,6 +260,14 @@ class KronOptimizer(Optimizer):
             self.discard_curvature()
         self.steps += 1
         self._schedule_capture()
+        if self._distributed is not None:
+            self._distributed.end_step()
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of the last step by phase (``forward_backward``, ``factor``, ``comm_wait``, ``inversion``,
+        ``precondition``, ``step``); measured for distributed runs only, else empty."""
+        return dict(self._distributed.timings) if self._distributed is not None else {}
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

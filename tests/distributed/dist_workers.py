@@ -1,0 +1,224 @@
+"""Worker functions for the multi-process tests (spawned with torch.multiprocessing; gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import kronfac
+from kronfac.distributed import DistributedTimeoutError
+
+LOCAL_BATCH = 4
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(worker: Callable[..., None], world: int, *args: Any) -> list[Any]:
+    """Run ``worker(rank, world, port, out_dir, *args)`` on ``world`` gloo ranks; return each rank's result."""
+    # forkserver: children fork from a server that imported torch once (fast), never from the test process.
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "kronfac", "dist_workers"])
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _entry,
+            args=(worker, world, free_port(), out_dir, args),
+            nprocs=world,
+            join=True,
+            start_method="forkserver",
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _entry(rank: int, worker: Callable[..., Any], world: int, port: int, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    result = worker(rank, world, *args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    if getattr(worker, "hard_exit", False):
+        os._exit(0)  # a peer may be gone: skip the collective teardown
+    dist.destroy_process_group()
+
+
+# -- models and data -----------------------------------------------------------------------------------
+class Net(nn.Module):
+    """Conv2d + Linear layers, and an Embedding branch (diagonal A)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 5 * 5 + 6, 8)
+        self.fc2 = nn.Linear(8, 3)
+        self.embed = nn.Embedding(7, 6)
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        e = self.embed(tokens).mean(dim=1)
+        return self.fc2(torch.tanh(self.fc1(torch.cat([h, e], dim=1))))
+
+
+def make_data(world: int, dtype: torch.dtype, steps: int = STEPS, micro: int = 1) -> list[list[tuple]]:
+    gen = torch.Generator().manual_seed(1)
+    n = world * LOCAL_BATCH
+    return [
+        [
+            (
+                torch.randn(n, 2, 5, 5, generator=gen, dtype=dtype),
+                torch.randint(0, 7, (n, 3), generator=gen),
+                torch.randint(0, 3, (n,), generator=gen),
+            )
+            for _ in range(micro)
+        ]
+        for _ in range(steps)
+    ]
+
+
+def make_optimizer(model: nn.Module, variant: str, dtype: torch.dtype, distributed: Any = None) -> kronfac.KFAC:
+    inverse = kronfac.CholeskyConfig() if variant == "cholesky" else kronfac.EighConfig()
+    return kronfac.KFAC(
+        model,
+        lr=0.1,
+        damping=1e-2,
+        weight_decay=1e-3,
+        inverse_every=2,
+        kl_clip=1e-2,
+        inverse=inverse,
+        factor_dtype=dtype,
+        fisher_type="type2" if variant == "type2" else "empirical",
+        distributed=distributed,
+    )
+
+
+def train(model: nn.Module, opt: kronfac.KFAC, data: list, rows: slice, ddp: Any = None) -> None:
+    for micro_batches in data:
+        for i, (x, tokens, y) in enumerate(micro_batches):
+            run = ddp if ddp is not None else model
+            last = i == len(micro_batches) - 1
+            ctx = ddp.no_sync() if ddp is not None and not last else _nullcontext()
+            with ctx:
+                loss = nn.functional.cross_entropy(run(x[rows], tokens[rows]), y[rows])
+                loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def reference(world: int, variant: str, dtype: torch.dtype, micro: int = 1) -> dict[str, Tensor]:
+    """Single-process K-FAC on the global batch."""
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    opt = make_optimizer(model, variant, dtype)
+    train(model, opt, make_data(world, dtype, micro=micro), slice(None))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- workers -------------------------------------------------------------------------------------------
+def equality_worker(rank: int, world: int, runs: list[tuple[str, str, torch.dtype, int]]) -> dict:
+    """Train ``Net`` under DDP for each ``(strategy, variant, dtype, micro)``; return parameters and timings."""
+    out: dict[str, Any] = {}
+    for strategy, variant, dtype, micro in runs:
+        torch.manual_seed(0)
+        model = Net().to(dtype)
+        ddp = DistributedDataParallel(model)
+        config = kronfac.DistributedConfig(strategy=strategy, bucket_bytes=1024, small_factor_threshold=4)
+        opt = make_optimizer(model, variant, dtype, distributed=config)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        train(model, opt, make_data(world, dtype, micro=micro), rows, ddp)
+        out[f"{strategy}-{variant}-{dtype}-{micro}"] = {
+            "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "timings": opt.timings,
+            "buckets": len(opt._distributed.plan.buckets) if strategy == "spd" else 0,
+        }
+        opt.close()
+    return out
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.branch = nn.Linear(6, 6)
+        self.never = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor, use_branch: bool) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        if use_branch:
+            h = h + self.branch(h)
+        return self.out(h)
+
+
+def unused_worker(rank: int, world: int, strategy: str) -> dict:
+    """A layer used by some ranks only on some steps, one never used; plus a mismatched-model start."""
+    result: dict[str, Any] = {}
+    wrong = nn.Linear(4, 8 if rank == 0 else 9)
+    try:
+        kronfac.KFAC(wrong, distributed=kronfac.DistributedConfig(strategy=strategy, timeout=20))
+        result["mismatch"] = None
+    except ValueError as exc:
+        result["mismatch"] = str(exc)
+    torch.manual_seed(0)
+    model = Branchy().double()
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    config = kronfac.DistributedConfig(strategy=strategy, bucket_bytes=128, small_factor_threshold=0, timeout=20)
+    opt = kronfac.KFAC(model, lr=0.1, damping=1e-2, inverse_every=1, factor_dtype=torch.float64, distributed=config)
+    gen = torch.Generator().manual_seed(10 + rank)
+    for step in range(6):
+        x, y = torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 2, (4,), generator=gen)
+        use = rank == 0 or step % 2 == 0
+        nn.functional.cross_entropy(ddp(x, use), y).backward()
+        opt.step()
+        opt.zero_grad()
+    result["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    block = opt.layers["branch"].block
+    result["branch_a"] = block.a_factor.clone()  # type: ignore[attr-defined]
+    result["never_a"] = opt.layers["never"].block.a_factor  # type: ignore[attr-defined]
+    return result
+
+
+def timeout_worker(rank: int, world: int, timeout: float) -> dict:
+    """Rank 1 hangs at the second step; rank 0 must fail with a clear error within the timeout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    config = kronfac.DistributedConfig(strategy="spd", timeout=timeout)
+    opt = kronfac.KFAC(model, distributed=config, inverse_every=1)
+    x, y = torch.randn(4, 4), torch.randint(0, 2, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    if rank == 1:
+        time.sleep(timeout + 4.0)
+        return {"hung": True}
+    start = time.perf_counter()
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return {"error": None}
+    except DistributedTimeoutError as exc:
+        return {"error": str(exc), "elapsed": time.perf_counter() - start}
+
+
+timeout_worker.hard_exit = True  # type: ignore[attr-defined]
