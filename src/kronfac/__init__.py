@@ -1,14 +1,20 @@
 """kronfac: Kronecker-factored deep learning for PyTorch."""
 
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
+from kronfac.linalg.cg import CGConfig
 from kronfac.optim import KFAC, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
+from kronfac.optim.cgfac import CGFAC
+from kronfac.optim.kldwrm import KLDWRM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CGFAC",
     "KFAC",
+    "KLDWRM",
     "AdaFisher",
     "AdaFisherW",
+    "CGConfig",
     "CholeskyConfig",
     "EighConfig",
     "InverseConfig",

@@ -19,6 +19,7 @@ from kronfac.linalg.base import InverseConfig
 from kronfac.linalg.eigh import EighConfig
 from kronfac.optim.base import KronOptimizer, Schedule, check_range
 from kronfac.optim.functional import momentum_update_
+from kronfac.optim.kldwrm import GradientCorrection
 
 __all__ = ["KFAC"]
 
@@ -46,6 +47,7 @@ class KFAC(KronOptimizer):
         kl_clip: KL-clip bound κ; ``None`` disables it.
         inverse: backend config: :class:`~kronfac.EighConfig` (exact eigen-damping, the default) or
             :class:`~kronfac.CholeskyConfig` (factored damping), or another :class:`~kronfac.InverseConfig`.
+        correction: a gradient-correction rule composed into the step, e.g. :class:`~kronfac.KLDWRM`.
         **kwargs: curvature options of :class:`~kronfac.optim.base.KronOptimizer` (``fisher_type``, ``loss``,
             ``loss_average``, ``approx``, ``mc_samples``, ``seed``, ``grad_scaler``, ``output_fn``,
             ``on_nonfinite``, ``factor_dtype``, ``param_groups``).
@@ -72,6 +74,7 @@ class KFAC(KronOptimizer):
         kl_clip: float | None = 1e-3,
         *,
         inverse: InverseConfig | None = None,
+        correction: GradientCorrection | None = None,
         **kwargs: Any,
     ) -> None:
         check_range("lr", lr, 0.0)
@@ -87,6 +90,9 @@ class KFAC(KronOptimizer):
         if not isinstance(inverse, InverseConfig):
             raise ValueError(f"Invalid inverse: {inverse!r} (must be an InverseConfig such as EighConfig())")
         self.inverse_config, self.inverse_every = inverse, inverse_every
+        if correction is not None and not isinstance(correction, GradientCorrection):
+            raise ValueError(f"Invalid correction: {correction!r} (must be a GradientCorrection such as KLDWRM())")
+        self.correction = correction
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -96,6 +102,8 @@ class KFAC(KronOptimizer):
             "kl_clip": kl_clip,
         }
         super().__init__(model, defaults, factor_every=factor_every, **kwargs)
+        if correction is not None:
+            correction.bind(self)
 
     def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
         device = module.weight.device
@@ -123,18 +131,24 @@ class KFAC(KronOptimizer):
         if not self.grads_finite():
             self.finish_step(skipped=True)
             return []
+        if self.correction is not None:
+            self.correction.before_commit(self)
         self.commit_curvature()
         if self.steps % self.inverse_every == 0:
             self.refresh_inverses()
-        return [
+            if self.correction is not None:
+                self.correction.after_refresh(self)
+        per_group = [
             self._group_updates(group, layers, plain)
             for group, layers, plain in zip(self.param_groups, self.layer_groups, self._plain_params)
         ]
+        return per_group if self.correction is None else self.correction.finish(self, per_group)
 
     def _group_updates(
         self, group: dict[str, Any], layers: list, plain: list[nn.Parameter]
     ) -> tuple[list[Tensor], list[Tensor]]:
         weight_decay = self.group_value(group, "weight_decay")
+        correction = self.correction
         params: list[Tensor] = []
         updates: list[Tensor] = []
         directions: list[tuple[Any, Tensor, Tensor]] = []
@@ -142,20 +156,28 @@ class KFAC(KronOptimizer):
             if any(p.grad is None for p in layer.params):
                 continue
             grad = layer.adapter.grad_matrix(layer.module)
+            if correction is not None:
+                grad = correction.correct(self, group, layer.name, grad)
             if weight_decay:
                 grad = grad + weight_decay * layer.adapter.param_matrix(layer.module)
-            directions.append((layer, grad, layer.block.precondition(grad)))
+            if correction is None:
+                directions.append((layer, grad, layer.block.precondition(grad)))
+            else:
+                directions.append((layer, grad, correction.precondition(self, group, layer, grad)))
         nu = self._kl_clip_factor(directions, group) if group["kl_clip"] is not None and directions else None
         for layer, _, update in directions:
             if nu is not None:
                 update = update * nu.to(update.dtype)
+            if correction is not None:
+                correction.record(self, group, layer.name, update)
             params.extend(layer.params)
             updates.extend(layer.adapter.split(layer.module, update))
         for p in plain:
             if p.grad is None:
                 continue
             params.append(p)
-            updates.append(p.grad if not weight_decay else p.grad.add(p, alpha=weight_decay))
+            grad = p.grad if correction is None else correction.correct(self, group, self._name(p), p.grad)
+            updates.append(grad if not weight_decay else grad.add(p, alpha=weight_decay))
         return params, updates
 
     def _kl_clip_factor(self, directions: list[tuple[Any, Tensor, Tensor]], group: dict[str, Any]) -> Tensor:
@@ -164,6 +186,17 @@ class KFAC(KronOptimizer):
         vg = torch.stack([(u * g).sum() for _, g, u in directions]).sum() * lr**2
         # ν = min(1, sqrt(κ / vg)); a non-positive vg (lr = 0 or round-off) leaves the step alone.
         return torch.where(vg > 0, torch.sqrt(kl_clip / vg.clamp_min(1e-30)), torch.ones_like(vg)).clamp_max(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.correction is not None:
+            state["kronfac"]["correction"] = self.correction.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.correction is not None:
+            self.correction.load_state_dict(state_dict["kronfac"].get("correction", {}))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

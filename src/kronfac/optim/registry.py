@@ -67,3 +67,35 @@ def _adafisherw(model: nn.Module, **overrides: Any) -> Optimizer:
 
     options: dict[str, Any] = {"lr": 1e-3, "update_every": 3, "weight_decay": 1e-2, "averaging": "reference"}
     return AdaFisherW(model, **{**options, **overrides})
+
+
+def _kldwrm_factory(variant: str) -> OptimizerFactory:
+    def factory(model: nn.Module, **overrides: Any) -> Optimizer:
+        from kronfac.optim.kfac import KFAC
+        from kronfac.optim.kldwrm import KLDWRM
+
+        options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "inverse_every": 2, "factor_decay": 0.5}
+        return KFAC(model, correction=KLDWRM(variant, inner_steps=2), **{**options, **overrides})
+
+    return factory
+
+
+for _variant in ("so", "q", "qe"):
+    register_optimizer(f"kfac-kldwrm-{_variant}")(_kldwrm_factory(_variant))
+
+
+@register_optimizer("cgfac")
+def _cgfac(model: nn.Module, **overrides: Any) -> Optimizer:
+    from kronfac.optim.cgfac import CGFAC
+
+    options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "max_iters": 10, "history": 2}
+    return CGFAC(model, **{**options, **overrides})
+
+
+@register_optimizer("kfac-cg")
+def _kfac_cg(model: nn.Module, **overrides: Any) -> Optimizer:
+    from kronfac.linalg.cg import CGConfig
+    from kronfac.optim.kfac import KFAC
+
+    options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "inverse_every": 1, "inverse": CGConfig(max_iters=20)}
+    return KFAC(model, **{**options, **overrides})
