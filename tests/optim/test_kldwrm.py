@@ -60,7 +60,9 @@ def _linear_mse_opt(model: nn.Module, correction: kronfac.KLDWRM, rho: float, da
 
 def _classifier() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 6), nn.Tanh(), nn.Linear(6, 3)
+    )
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 6) -> None:
@@ -77,7 +79,9 @@ def test_rho_zero_so_equals_kfac_and_every_variant_differs_with_rho(variant: str
     reference, model = _classifier(), _classifier()
     options = {"lr": 0.1, "damping": 1e-2, "inverse_every": 2, "kl_clip": 1e-2}
     _train(reference, kronfac.KFAC(reference, **options))
-    _train(model, kronfac.KFAC(model, correction=kronfac.KLDWRM(variant, rho=0.0 if variant == "so" else 0.5), **options))
+    _train(
+        model, kronfac.KFAC(model, correction=kronfac.KLDWRM(variant, rho=0.0 if variant == "so" else 0.5), **options)
+    )
     same = all(torch.equal(p, q) for p, q in zip(reference.parameters(), model.parameters()))
     assert same == (variant == "so")
 
