@@ -1,5 +1,6 @@
 """kronfac: Kronecker-factored deep learning for PyTorch."""
 
+from kronfac.distributed import DistributedConfig
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
 from kronfac.linalg.cg import CGConfig
 from kronfac.optim import KFAC, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
@@ -16,6 +17,7 @@ __all__ = [
     "AdaFisherW",
     "CGConfig",
     "CholeskyConfig",
+    "DistributedConfig",
     "EighConfig",
     "InverseConfig",
     "KFACPreconditioner",

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.kfac_block import KFACBlock
+from kronfac.distributed.config import DistributedConfig
 from kronfac.linalg.base import InverseConfig
 from kronfac.linalg.eigh import EighConfig
 from kronfac.optim.base import KronOptimizer, Schedule, check_range
@@ -48,6 +49,8 @@ class KFAC(KronOptimizer):
         inverse: backend config: :class:`~kronfac.EighConfig` (exact eigen-damping, the default) or
             :class:`~kronfac.CholeskyConfig` (factored damping), or another :class:`~kronfac.InverseConfig`.
         correction: a gradient-correction rule composed into the step, e.g. :class:`~kronfac.KLDWRM`.
+        distributed: a :class:`~kronfac.DistributedConfig` to share the curvature work across the ranks of an
+            initialised process group (DDP under torchrun); ``None`` for a single process.
         **kwargs: curvature options of :class:`~kronfac.optim.base.KronOptimizer` (``fisher_type``, ``loss``,
             ``loss_average``, ``approx``, ``mc_samples``, ``seed``, ``grad_scaler``, ``output_fn``,
             ``on_nonfinite``, ``factor_dtype``, ``param_groups``).
@@ -75,6 +78,7 @@ class KFAC(KronOptimizer):
         *,
         inverse: InverseConfig | None = None,
         correction: GradientCorrection | None = None,
+        distributed: DistributedConfig | None = None,
         **kwargs: Any,
     ) -> None:
         check_range("lr", lr, 0.0)
@@ -104,6 +108,12 @@ class KFAC(KronOptimizer):
         super().__init__(model, defaults, factor_every=factor_every, **kwargs)
         if correction is not None:
             correction.bind(self)
+        if distributed is not None:
+            if not isinstance(distributed, DistributedConfig):
+                raise ValueError(f"Invalid distributed: {distributed!r} (must be a DistributedConfig or None)")
+            from kronfac.distributed.engine import DistributedKFAC
+
+            self._distributed = DistributedKFAC(self, distributed)
 
     def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
         device = module.weight.device
@@ -119,7 +129,11 @@ class KFAC(KronOptimizer):
         )
 
     def refresh_inverses(self) -> None:
-        """Recompute every layer's inverse now (done automatically every ``inverse_every`` steps)."""
+        """Recompute every layer's inverse now (done automatically every ``inverse_every`` steps; with
+        ``distributed=`` every rank must call it)."""
+        if self._distributed is not None:
+            self._distributed.refresh_inverses()
+            return
         for group, layers in zip(self.param_groups, self.layer_groups):
             damping = self.group_value(group, "damping")
             for layer in layers:
@@ -128,6 +142,8 @@ class KFAC(KronOptimizer):
     def preconditioned_updates(self) -> list[tuple[list[Tensor], list[Tensor]]]:
         """Run the curvature schedule and return, per param group, the parameters and their update directions
         (steps 1-4 of the algorithm). Returns ``[]`` when the step is skipped for non-finite gradients."""
+        if self._distributed is not None:
+            self._distributed.begin_step()
         if not self.grads_finite():
             self.finish_step(skipped=True)
             return []
