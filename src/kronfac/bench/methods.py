@@ -1,0 +1,109 @@
+"""Optimization methods the benchmark compares, each with the learning-rate grid of its sweep.
+
+A method turns ``(model, lr, task)`` into a :class:`Trainer` whose ``step(x, y)`` does one full training step
+and returns the loss. Built-in: SGD with momentum, AdamW, K-FAC; peers (``singd``, ASDL) when installed.
+Later kronfac methods add themselves with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kronfac.bench.tasks import Task
+
+__all__ = ["METHODS", "Method", "OptimizerTrainer", "Trainer", "register_method"]
+
+
+class Trainer:
+    """One training step of a method; ``state_objects`` are measured for optimizer-state bytes."""
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        raise NotImplementedError
+
+    def state_objects(self) -> list[Any]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class OptimizerTrainer(Trainer):
+    """zero_grad, forward, loss, backward, ``optimizer.step()``: any torch optimizer, kronfac's included."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: Task) -> None:
+        self.model, self.optimizer, self.task = model, optimizer, task
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task.loss(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def state_objects(self) -> list[Any]:
+        return [self.optimizer.state_dict()]
+
+    def close(self) -> None:
+        close = getattr(self.optimizer, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class Method:
+    """A named method: ``make(model, lr, task) -> Trainer`` and its learning-rate grid."""
+
+    name: str
+    make: Callable[[nn.Module, float, Task], Trainer]
+    lr_grid: Sequence[float]
+    description: str = ""
+    available: Callable[[], bool] = lambda: True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def _sgd(model: nn.Module, lr: float, task: Task) -> Trainer:
+    return OptimizerTrainer(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), task)
+
+
+def _adamw(model: nn.Module, lr: float, task: Task) -> Trainer:
+    return OptimizerTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), task)
+
+
+#: K-FAC's benchmark settings (curvature and inverses every 10 steps, the cheap regime of Martens & Grosse).
+KFAC_BENCH_OPTIONS: dict[str, Any] = {
+    "momentum": 0.9,
+    "damping": 1e-3,
+    "factor_every": 10,
+    "inverse_every": 10,
+    "kl_clip": 1e-3,
+}
+
+
+def _kfac(model: nn.Module, lr: float, task: Task) -> Trainer:
+    import warnings
+
+    from kronfac.optim.kfac import KFAC
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="kronfac.*first-order update")
+        opt = KFAC(model, lr=lr, **KFAC_BENCH_OPTIONS, **task.curvature_options)
+    return OptimizerTrainer(model, opt, task)
+
+
+register_method(Method("sgd", _sgd, (0.03, 0.1, 0.3), "SGD, momentum 0.9"))
+register_method(Method("adamw", _adamw, (3e-4, 1e-3, 3e-3), "AdamW (torch), weight decay 0.01"))
+register_method(
+    Method("kfac", _kfac, (0.03, 0.1, 0.3), "kronfac.KFAC, factors and inverses every 10 steps, KL clip 1e-3")
+)

@@ -1,0 +1,194 @@
+"""Run methods on tasks with the same seeds and budgets: a learning-rate sweep on the validation split, then
+seeded runs evaluated on the test split. Step times exclude data indexing and evaluation."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kronfac.bench.data import Split
+from kronfac.bench.methods import Method
+from kronfac.bench.tasks import Task
+
+__all__ = ["RunResult", "run_method", "run_one", "state_bytes", "sweep"]
+
+
+@dataclass
+class RunResult:
+    task: str
+    method: str
+    lr: float
+    seed: int
+    steps: int
+    split: str
+    curve: list[dict[str, float]] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    state_bytes: int = 0
+    diverged: bool = False
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.curve[-1] if self.curve else {"loss": math.inf, "accuracy": 0.0}
+
+    def to_target(self, target: float) -> tuple[int | None, float | None]:
+        """(steps, training seconds) at the first evaluation whose accuracy reaches ``target``."""
+        for point in self.curve:
+            if point["accuracy"] >= target:
+                return int(point["step"]), float(point["seconds"])
+        return None, None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["median_ms"] = statistics.median(self.step_ms) if self.step_ms else None
+        out["mean_ms"] = statistics.fmean(self.step_ms) if self.step_ms else None
+        return out
+
+
+def state_bytes(objects: Iterable[Any]) -> int:
+    """Bytes of all distinct tensors reachable in nested dicts/lists (optimizer state)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def visit(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, Tensor):
+            key = (obj.untyped_storage().data_ptr(), obj.nbytes)
+            if key not in seen:
+                seen.add(key)
+                total += obj.nbytes
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    for obj in objects:
+        visit(obj)
+    return total
+
+
+def _eval_split(split: Split, which: str) -> tuple[Tensor, Tensor]:
+    return (split.x_val, split.y_val) if which == "val" else (split.x_test, split.y_test)
+
+
+def run_one(
+    task: Task,
+    method: Method,
+    lr: float,
+    seed: int,
+    steps: int,
+    *,
+    split_name: str = "test",
+    on_step: Callable[[], None] | None = None,
+) -> RunResult:
+    """Train ``task``'s model with ``method`` for ``steps`` steps and record its learning curve."""
+    split = task.load()
+    torch.manual_seed(seed)
+    model = task.build(split)
+    trainer = method.make(model, lr, task)
+    result = RunResult(task.name, method.name, lr, seed, steps, split_name)
+    x_eval, y_eval = _eval_split(split, split_name)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(split.x_train)
+    order = torch.randperm(n, generator=generator)
+    cursor, seconds = 0, 0.0
+    try:
+        for step in range(1, steps + 1):
+            if cursor + task.batch_size > n:
+                order, cursor = torch.randperm(n, generator=generator), 0
+            idx = order[cursor : cursor + task.batch_size]
+            cursor += task.batch_size
+            x, y = split.x_train[idx], split.y_train[idx]
+            start = time.perf_counter()
+            loss = trainer.step(x, y)
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
+            result.step_ms.append(1e3 * elapsed)
+            if on_step is not None:
+                on_step()
+            if not math.isfinite(loss):
+                result.diverged = True
+                result.curve.append({"step": step, "seconds": seconds, "loss": math.inf, "accuracy": 0.0})
+                break
+            if step % task.eval_every == 0 or step == steps:
+                eval_loss, accuracy = task.evaluate(model, x_eval, y_eval)
+                if not math.isfinite(eval_loss):
+                    result.diverged = True
+                result.curve.append(
+                    {"step": step, "seconds": seconds, "train_loss": loss, "loss": eval_loss, "accuracy": accuracy}
+                )
+                if result.diverged:
+                    break
+    except FloatingPointError:
+        result.diverged = True
+        result.curve.append({"step": len(result.step_ms), "seconds": seconds, "loss": math.inf, "accuracy": 0.0})
+    result.state_bytes = state_bytes(trainer.state_objects())
+    trainer.close()
+    return result
+
+
+def sweep(
+    task: Task, method: Method, steps: int, *, seed: int = 0, on_step: Callable[[], None] | None = None
+) -> tuple[float, list[dict[str, Any]]]:
+    """Try every learning rate of the method's grid on the validation split; best = lowest final val loss."""
+    records = []
+    for lr in method.lr_grid:
+        result = run_one(task, method, lr, seed, steps, split_name="val", on_step=on_step)
+        final = result.final
+        records.append(
+            {"lr": lr, "val_loss": final["loss"], "val_accuracy": final["accuracy"], "diverged": result.diverged}
+        )
+    best = min(records, key=lambda r: (r["diverged"], r["val_loss"]))
+    return float(best["lr"]), records
+
+
+def run_method(
+    task: Task,
+    method: Method,
+    *,
+    steps: int,
+    sweep_steps: int,
+    seeds: Iterable[int],
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Sweep, then run every seed at the chosen learning rate; returns the JSON-ready record with a summary."""
+    lr, sweep_records = sweep(task, method, sweep_steps, on_step=on_step)
+    runs = [run_one(task, method, lr, seed, steps, on_step=on_step) for seed in seeds]
+    return {
+        "method": method.name,
+        "description": method.description,
+        "lr_grid": list(method.lr_grid),
+        "sweep": sweep_records,
+        "lr": lr,
+        "runs": [r.to_dict() for r in runs],
+        "summary": summarize(runs, task.target),
+    }
+
+
+def summarize(runs: list[RunResult], target: float) -> dict[str, Any]:
+    accuracies = [r.final["accuracy"] for r in runs]
+    losses = [r.final["loss"] for r in runs]
+    reached = [r.to_target(target) for r in runs]
+    steps_hit = [s for s, _ in reached if s is not None]
+    secs_hit = [t for _, t in reached if t is not None]
+    all_ms = [ms for r in runs for ms in r.step_ms]
+    return {
+        "accuracy_mean": statistics.fmean(accuracies),
+        "accuracy_std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "loss_mean": statistics.fmean(losses),
+        "reached_target": f"{len(steps_hit)}/{len(runs)}",
+        "steps_to_target": statistics.median(steps_hit) if len(steps_hit) == len(runs) else None,
+        "seconds_to_target": statistics.median(secs_hit) if len(secs_hit) == len(runs) else None,
+        "median_ms": statistics.median(all_ms) if all_ms else None,
+        "mean_ms": statistics.fmean(all_ms) if all_ms else None,
+        "state_bytes": max(r.state_bytes for r in runs),
+        "diverged": sum(r.diverged for r in runs),
+    }
