@@ -3,7 +3,7 @@
 from kronfac.distributed import DistributedConfig
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
 from kronfac.linalg.cg import CGConfig
-from kronfac.optim import KFAC, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
+from kronfac.optim import KFAC, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
 from kronfac.optim.cgfac import CGFAC
 from kronfac.optim.kldwrm import KLDWRM
 
@@ -13,6 +13,7 @@ __all__ = [
     "CGFAC",
     "KFAC",
     "KLDWRM",
+    "SINGD",
     "AdaFisher",
     "AdaFisherW",
     "CGConfig",

@@ -5,10 +5,12 @@ from kronfac.optim.base import KronOptimizer
 from kronfac.optim.kfac import KFAC
 from kronfac.optim.preconditioner import KFACPreconditioner
 from kronfac.optim.registry import OPTIMIZERS, register_optimizer
+from kronfac.optim.singd import SINGD
 
 __all__ = [
     "KFAC",
     "OPTIMIZERS",
+    "SINGD",
     "AdaFisher",
     "AdaFisherW",
     "KFACPreconditioner",
