@@ -107,3 +107,36 @@ register_method(Method("adamw", _adamw, (3e-4, 1e-3, 3e-3), "AdamW (torch), weig
 register_method(
     Method("kfac", _kfac, (0.03, 0.1, 0.3), "kronfac.KFAC, factors and inverses every 10 steps, KL clip 1e-3")
 )
+
+
+#: AdaFisher's benchmark settings: statistics every 10 steps (as K-FAC's above; the default T_cov = 100 would give
+#: the short bench runs only a few updates), every other value its default (λ 1e-3, β 0.9, EMA decay 0.8).
+ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10}
+
+
+def _adafisher(weight_decay: float, decoupled: bool) -> Callable[[nn.Module, float, Task], Trainer]:
+    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
+        import warnings
+
+        from kronfac.optim.adafisher import AdaFisher, AdaFisherW
+
+        cls = AdaFisherW if decoupled else AdaFisher
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="kronfac.*first-order update")
+            opt = cls(model, lr=lr, weight_decay=weight_decay, **ADAFISHER_BENCH_OPTIONS, **task.curvature_options)
+        return OptimizerTrainer(model, opt, task)
+
+    return make
+
+
+register_method(
+    Method("adafisher", _adafisher(0.0, False), (3e-3, 1e-2, 3e-2), "kronfac.AdaFisher, statistics every 10 steps")
+)
+register_method(
+    Method(
+        "adafisherw",
+        _adafisher(0.01, True),
+        (3e-3, 1e-2, 3e-2),
+        "kronfac.AdaFisherW, decoupled weight decay 0.01 (as AdamW), statistics every 10 steps",
+    )
+)
