@@ -223,15 +223,9 @@ def _singd(model: nn.Module, **overrides: Any) -> SINGD:
     return SINGD(model, **{**options, **overrides})
 
 
-@register_optimizer("singd-diagonal")
-def _singd_diagonal(model: nn.Module, **overrides: Any) -> SINGD:
-    options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "update_every": 1, "structures": ("diagonal", "diagonal")}
-    return SINGD(model, **{**options, **overrides})
-
-
 @register_optimizer("singd-structured")
 def _singd_structured(model: nn.Module, **overrides: Any) -> SINGD:
-    structures = (("block_diagonal", {"block_size": 4}), "lower_triangular")
+    structures = (("block_diagonal", {"block_size": 4}), "diagonal")
     options: dict[str, Any] = {"lr": 0.05, "damping": 1e-2, "update_every": 1, "structures": structures}
     return SINGD(model, **{**options, **overrides})
 
