@@ -210,7 +210,7 @@ def timeout_worker(rank: int, world: int, timeout: float) -> dict:
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     if rank == 1:
-        time.sleep(timeout + 4.0)
+        time.sleep(timeout + 2.5)
         return {"hung": True}
     start = time.perf_counter()
     try:

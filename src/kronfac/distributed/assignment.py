@@ -57,10 +57,12 @@ class WorkAssignment:
         self.replicated_cost = 0.0
         self.loads = [0.0] * world_size
         large: list[FactorSpec] = []
+        seen: set[tuple[str, str]] = set()
         for spec in self.factors:
             key = (spec.layer, spec.factor)
-            if key in self._worker:
+            if key in seen:
                 raise ValueError(f"Invalid factors: {key} appears twice")
+            seen.add(key)
             if spec.diagonal or spec.dim <= small_factor_threshold:
                 self._worker[key] = None
                 self.replicated_cost += spec.cost

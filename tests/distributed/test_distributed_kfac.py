@@ -1,0 +1,67 @@
+"""Multi-process tests of distributed K-FAC: gloo on CPU, ranks spawned by the tests themselves."""
+
+from __future__ import annotations
+
+import dist_workers as workers
+import pytest
+import torch
+
+F64, F32 = torch.float64, torch.float32
+
+
+def _check_equal(results: list[dict], runs: list[tuple[str, str, torch.dtype, int]], world: int) -> None:
+    for strategy, variant, dtype, micro in runs:
+        key = f"{strategy}-{variant}-{dtype}-{micro}"
+        expected = workers.reference(world, variant, dtype, micro)
+        rtol = 1e-8 if dtype == F64 else 1e-4
+        for rank, result in enumerate(results):
+            got = result[key]["params"]
+            for name, value in expected.items():
+                scale = value.abs().max().clamp_min(1.0)
+                err = float((got[name] - value).abs().max() / scale)
+                assert err <= rtol, f"{key} rank {rank} param {name}: relative error {err:.2e}"
+            timings = result[key]["timings"]
+            assert set(timings) >= {"forward_backward", "factor", "comm_wait", "inversion", "precondition", "step"}
+            assert all(v >= 0 for v in timings.values())
+        if strategy == "spd":
+            assert results[0][key]["buckets"] > 3  # the 1 KiB bound splits the statistics into many messages
+
+
+def test_two_ranks_match_single_process() -> None:
+    """naive and spd (eigh, Cholesky, type-2 Fisher, gradient accumulation, float32) equal one process."""
+    runs = [
+        ("naive", "eigh", F64, 1),
+        ("spd", "eigh", F64, 1),
+        ("spd", "cholesky", F64, 1),
+        ("spd", "eigh", F64, 2),  # two micro-batches: statistics grow after their bucket was sent
+        ("spd", "type2", F64, 1),
+        ("spd", "eigh", F32, 1),
+        ("naive", "eigh", F32, 1),
+    ]
+    _check_equal(workers.launch(workers.equality_worker, 2, runs), runs, 2)
+
+
+def test_four_ranks_match_single_process() -> None:
+    runs = [("naive", "eigh", F64, 1), ("spd", "eigh", F64, 1), ("spd", "cholesky", F64, 1)]
+    _check_equal(workers.launch(workers.equality_worker, 4, runs), runs, 4)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "spd"])
+def test_unused_layers_and_mismatched_models(strategy: str) -> None:
+    results = workers.launch(workers.unused_worker, 2, strategy)
+    for result in results:
+        assert result["mismatch"] is not None and "different models" in result["mismatch"]
+        assert "d_out=8" in result["mismatch"] and "d_out=9" in result["mismatch"]
+        assert result["never_a"] is None  # no rank ever fed it: no factors anywhere
+    # Ranks saw different data and different layer usage but hold the same factors and parameters.
+    assert torch.equal(results[0]["branch_a"], results[1]["branch_a"])
+    assert torch.equal(results[0]["params"], results[1]["params"])
+
+
+def test_hung_rank_raises_within_timeout() -> None:
+    timeout = 1.5
+    results = workers.launch(workers.timeout_worker, 2, timeout)
+    assert results[1] == {"hung": True}
+    error = results[0]["error"]
+    assert error is not None and "rank 0 failed waiting for" in error and "another rank" in error
+    assert results[0]["elapsed"] < timeout + 3.0

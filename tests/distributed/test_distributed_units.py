@@ -1,0 +1,167 @@
+"""Single-process unit tests of the distributed pieces: config, placement balance, fusion buckets, payloads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kronfac
+from kronfac.curvature.factors import KroneckerFactors
+from kronfac.distributed import DistributedConfig, FactorSpec, FusionPlan, PipelinedAllReduce, WorkAssignment
+from kronfac.distributed.payload import StatisticsPayload
+
+
+def resnet50_factors() -> list[FactorSpec]:
+    """K-FAC factors of ResNet-50 (bias-free convs: A is C_in k^2, G is C_out; fc with bias)."""
+    layers = [("conv1", 3 * 49, 64)]
+    c_in = 64
+    for stage, (mid, out, blocks) in enumerate([(64, 256, 3), (128, 512, 4), (256, 1024, 6), (512, 2048, 3)]):
+        for b in range(blocks):
+            name = f"layer{stage + 1}.{b}"
+            layers += [(f"{name}.conv1", c_in, mid), (f"{name}.conv2", mid * 9, mid), (f"{name}.conv3", mid, out)]
+            if b == 0:
+                layers.append((f"{name}.downsample", c_in, out))
+            c_in = out
+    layers.append(("fc", 2049, 1000))
+    return [FactorSpec(n, "A", a) for n, a, _ in layers] + [FactorSpec(n, "G", g) for n, _, g in layers]
+
+
+def bert_factors() -> list[FactorSpec]:
+    specs = []
+    for i in range(12):
+        for proj, (d_in, d_out) in {"q": (768, 768), "k": (768, 768), "v": (768, 768), "o": (768, 768),
+                                    "ffn1": (768, 3072), "ffn2": (3072, 768)}.items():  # fmt: skip
+            specs += [FactorSpec(f"{i}.{proj}", "A", d_in + 1), FactorSpec(f"{i}.{proj}", "G", d_out)]
+    return specs
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("threshold", [0, 128, 512])
+def test_resnet50_placement_is_balanced(world: int, threshold: int) -> None:
+    work = WorkAssignment(resnet50_factors(), world, small_factor_threshold=threshold)
+    costs = work.rank_costs()
+    mean = sum(costs) / world
+    # Greedy LPT is within 10% of the best any placement of indivisible factors can do ...
+    assert max(costs) <= 1.1 * work.lower_bound()
+    if world == 4:
+        assert work.imbalance() <= 1.1
+    else:
+        # ... and at 8 ranks the best possible is > 1.1: each 4608-dim conv A factor alone exceeds the mean.
+        assert work.lower_bound() / mean > 1.1
+        assert max(costs) == pytest.approx(work.lower_bound())
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_bert_placement_is_balanced(world: int) -> None:
+    assert WorkAssignment(bert_factors(), world, small_factor_threshold=128).imbalance() <= 1.1
+
+
+def test_assignment_answers_one_question() -> None:
+    specs = resnet50_factors()
+    work = WorkAssignment(specs, 4, small_factor_threshold=256)
+    again = WorkAssignment(list(reversed(specs)), 4, small_factor_threshold=256)
+    for spec in specs:
+        worker = work.inv_worker(spec.layer, spec.factor)
+        assert worker == again.inv_worker(spec.layer, spec.factor)  # every rank computes the same answer
+        assert (worker is None) == (spec.dim <= 256)
+    owned = [s for r in range(4) for s in work.owned(r)]
+    assert sorted(map(str, owned + work.replicated())) == sorted(map(str, specs))
+    # The largest factor goes to rank 0 first, the next ones to the other (still empty) ranks.
+    big = sorted((s for s in specs if s.dim > 256), key=lambda s: -s.cost)
+    assert [work.inv_worker(s.layer, s.factor) for s in big[:4]] == [0, 1, 2, 3]
+    with pytest.raises(KeyError, match="nope"):
+        work.inv_worker("nope", "A")
+    with pytest.raises(ValueError, match="appears twice"):
+        WorkAssignment(specs + specs[:1], 2, small_factor_threshold=0)
+
+
+def test_diagonal_factors_are_replicated() -> None:
+    work = WorkAssignment([FactorSpec("emb", "A", 50000, diagonal=True)], 2, small_factor_threshold=0)
+    assert work.inv_worker("emb", "A") is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("bucket", [1, 7, 64, 1000])
+def test_buckets_respect_their_bound_and_cover_the_buffer(seed: int, bucket: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 300, (12,), generator=gen).tolist()
+    plan = FusionPlan([(f"l{i}", n) for i, n in enumerate(sizes)], bucket)
+    assert all(0 < end - start <= bucket for start, end in plan.buckets)
+    assert [s for s, _ in plan.buckets] == [0] + [e for _, e in plan.buckets[:-1]]
+    assert (plan.buckets[-1][1] if plan.buckets else 0) == sum(sizes)
+    for (start, end), (first, last) in zip(plan.buckets, plan.members):
+        overlapping = [i for i, (o, n) in enumerate(zip(plan.offsets, plan.sizes)) if o < end and o + n > start]
+        assert overlapping and first <= min(overlapping) and max(overlapping) == last
+
+
+class _RecordingComm:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int]] = []
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> tuple[Any, str]:
+        self.sent.append((tensor.storage_offset(), tensor.numel()))
+        return None, what
+
+    def wait(self, handle: tuple[Any, str]) -> float:
+        return 0.0
+
+
+def test_pipelined_buckets_launch_in_buffer_order_as_segments_complete() -> None:
+    plan = FusionPlan([("c", 10), ("b", 10), ("a", 10)], 8)  # buckets [0,8) [8,16) [16,24) [24,30)
+    comm = _RecordingComm()
+    rounds = PipelinedAllReduce(plan, comm, dtype=torch.float32, device=torch.device("cpu"))  # type: ignore[arg-type]
+    rounds.mark_ready("b")
+    assert comm.sent == []  # bucket 0 waits for "c", and later buckets wait for bucket 0
+    rounds.mark_ready("c")
+    assert comm.sent == [(0, 8), (8, 8)]  # [16,24) still needs "a"
+    assert rounds.launched("c") and rounds.launched("b") and not rounds.launched("a")
+    rounds.flush()
+    assert comm.sent == [(0, 8), (8, 8), (16, 8), (24, 6)]
+
+
+@pytest.mark.parametrize("triangular", [True, False])
+@pytest.mark.parametrize("diagonal_a", [True, False])
+def test_payload_round_trip(triangular: bool, diagonal_a: bool) -> None:
+    block = KroneckerFactors(5, 4, diagonal_a=diagonal_a, dtype=torch.float64)
+    block.add_inputs(torch.randint(0, 5, (3, 2)) if diagonal_a else torch.randn(3, 2, 5, dtype=torch.float64))
+    block.add_output_grads(torch.randn(3, 2, 4, dtype=torch.float64), 3.0, 1)
+    a_sum, a_count, g_sum, g_count = (x.clone() if isinstance(x, torch.Tensor) else x for x in block.pending_sums())
+    payload = StatisticsPayload(block, triangular=triangular)
+    flat = torch.zeros(payload.numel, dtype=torch.float64)
+    payload.write(flat)
+    assert payload.numel == 2 + (5 if diagonal_a else (15 if triangular else 25)) + (10 if triangular else 16)
+    payload.read(flat * 2)  # two identical ranks
+    new = block.pending_sums()
+    assert torch.allclose(new[0], 2 * a_sum) and torch.allclose(new[2], 2 * g_sum)  # type: ignore[arg-type]
+    assert (new[1], new[3]) == (2 * a_count, 2 * g_count)
+    payload.read(torch.zeros(payload.numel, dtype=torch.float64))  # no rank had data
+    assert not block.has_pending()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"strategy": "ring"}, "strategy"),
+        ({"bucket_bytes": 0}, "bucket_bytes"),
+        ({"small_factor_threshold": -1}, "small_factor_threshold"),
+        ({"timeout": 0}, "timeout"),
+        ({"backend": "tcp"}, "backend"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        DistributedConfig(**kwargs)
+
+
+def test_config_needs_a_process_group_and_single_process_is_untouched() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    assert DistributedConfig(strategy="naive").strategy.value == "naive"  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        kronfac.KFAC(model, distributed=DistributedConfig())
+    with pytest.raises(ValueError, match="Invalid distributed"):
+        kronfac.KFAC(model, distributed="spd")  # type: ignore[arg-type]
+    opt = kronfac.KFAC(model)
+    assert opt.capture.listener is None and opt.timings == {}
