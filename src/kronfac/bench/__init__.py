@@ -1,5 +1,6 @@
 """Benchmarks: bundled datasets, small models, methods, the runner and its reports (`kronfac bench`)."""
 
+from kronfac.bench import peers as _peers  # noqa: F401 - registers the peer methods
 from kronfac.bench.methods import METHODS, Method, register_method
 from kronfac.bench.runner import run_method, run_one
 from kronfac.bench.tasks import TASKS, Task, get_task

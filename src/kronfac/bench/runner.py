@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kronfac.bench.data import Split
 from kronfac.bench.methods import Method
@@ -52,8 +52,11 @@ class RunResult:
 
 
 def state_bytes(objects: Iterable[Any]) -> int:
-    """Bytes of all distinct tensors reachable in nested dicts/lists (optimizer state)."""
+    """Bytes of all distinct tensors reachable from ``objects`` through dicts, lists, tuples and plain objects'
+    attributes (peers keep state in their own classes); modules are not entered (their weights are not state).
+    """
     seen: set[tuple[int, int]] = set()
+    visited: set[int] = set()
     total = 0
 
     def visit(obj: Any) -> None:
@@ -63,11 +66,18 @@ def state_bytes(objects: Iterable[Any]) -> int:
             if key not in seen:
                 seen.add(key)
                 total += obj.nbytes
-        elif isinstance(obj, dict):
+            return
+        if id(obj) in visited or isinstance(obj, (nn.Module, str, bytes, int, float, type)) or obj is None:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, dict):
             for v in obj.values():
                 visit(v)
-        elif isinstance(obj, (list, tuple)):
+        elif isinstance(obj, (list, tuple, set)):
             for v in obj:
+                visit(v)
+        elif hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
                 visit(v)
 
     for obj in objects:
