@@ -1,8 +1,10 @@
 """kronfac: Kronecker-factored deep learning for PyTorch."""
 
+from kronfac import nn
 from kronfac.distributed import DistributedConfig
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
 from kronfac.linalg.cg import CGConfig
+from kronfac.linalg.thermodynamic import ThermodynamicConfig
 from kronfac.optim import KFAC, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
 from kronfac.optim.cgfac import CGFAC
 from kronfac.optim.kldwrm import KLDWRM
@@ -23,5 +25,7 @@ __all__ = [
     "InverseConfig",
     "KFACPreconditioner",
     "KronOptimizer",
+    "ThermodynamicConfig",
     "__version__",
+    "nn",
 ]
