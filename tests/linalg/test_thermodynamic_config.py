@@ -9,12 +9,12 @@ import kronfac
 from kronfac.linalg.base import build_inverse, inverse_from_state, inverse_to_state
 from kronfac.linalg.cholesky import CholeskyConfig
 from kronfac.linalg.eigh import EighConfig
-from kronfac.linalg.thermodynamic import HardwareModel, Schedule, ThermodynamicConfig
+from kronfac.linalg.thermodynamic import HardwareModel, SolverSchedule, ThermodynamicConfig
 
 DTYPE = torch.float64
 LONG = {
-    1: Schedule(dt=1.0, burn_in=10.0, num_samples=2000, num_chains=64),
-    2: Schedule(dt=0.5, burn_in=20.0, num_samples=2000, beta=1e6),
+    1: SolverSchedule(dt=1.0, burn_in=10.0, num_samples=2000, num_chains=64),
+    2: SolverSchedule(dt=0.5, burn_in=20.0, num_samples=2000, beta=1e6),
 }
 TOLERANCE = {1: 3e-2, 2: 3e-3}
 

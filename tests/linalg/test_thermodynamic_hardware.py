@@ -7,7 +7,7 @@ import torch
 
 from kronfac.linalg.thermodynamic import (
     HardwareModel,
-    Schedule,
+    SolverSchedule,
     block_slices,
     device_inverse,
     device_solve,
@@ -17,7 +17,7 @@ from kronfac.linalg.thermodynamic import (
 )
 
 DTYPE = torch.float64
-LONG = Schedule(dt=0.5, burn_in=20.0, num_samples=4000, beta=1e4, num_chains=64)
+LONG = SolverSchedule(dt=0.5, burn_in=20.0, num_samples=4000, beta=1e4, num_chains=64)
 
 
 def _spd(d: int, seed: int, shift: float = 0.3) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_bad_hardware_is_rejected(kwargs: dict, match: str) -> None:
 )
 def test_bad_schedule_is_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        Schedule(**kwargs)
+        SolverSchedule(**kwargs)
 
 
 def test_ideal_device_solves_and_inverts() -> None:
@@ -138,7 +138,7 @@ def test_stabilization_keeps_a_quantized_nearly_singular_factor_definite() -> No
 def test_io_time_counts_bits_over_bandwidth() -> None:
     m = _spd(4, 5)
     hw = HardwareModel(input_bits=8, output_bits=4, io_bandwidth=1000.0)
-    short = Schedule(num_samples=4)
+    short = SolverSchedule(num_samples=4)
     _, report = device_solve(program_matrix(m, hw), torch.ones(4, 3, dtype=DTYPE), hw, short)
     assert report.io_seconds == pytest.approx(((10 + 12) * 8 + 12 * 4) / 1000.0)
     _, report = device_inverse(program_matrix(m, hw), hw, short)

@@ -10,7 +10,7 @@ from kronfac.linalg.thermodynamic.config import (
 from kronfac.linalg.thermodynamic.hardware import (
     DeviceReport,
     HardwareModel,
-    Schedule,
+    SolverSchedule,
     block_slices,
     device_inverse,
     device_solve,
@@ -24,7 +24,7 @@ __all__ = [
     "HardwareModel",
     "OUMode",
     "OUResult",
-    "Schedule",
+    "SolverSchedule",
     "ThermodynamicConfig",
     "ThermodynamicInverse",
     "ThermodynamicSolveInverse",

@@ -28,7 +28,7 @@ from kronfac.linalg.base import InverseConfig, KroneckerInverse, register_invers
 from kronfac.linalg.cholesky import CholeskyInverse
 from kronfac.linalg.thermodynamic.hardware import (
     HardwareModel,
-    Schedule,
+    SolverSchedule,
     _normalised,
     block_slices,
     device_inverse,
@@ -87,7 +87,7 @@ class ThermodynamicSolveInverse(KroneckerInverse):
         self.a_programmed, self.g_programmed, self.settings = a_programmed, g_programmed, settings
         parsed = json.loads(bytes(settings.tolist()).decode())
         self.hardware = HardwareModel(**parsed["hardware"])
-        self.schedule = Schedule(**parsed["schedule"])
+        self.schedule = SolverSchedule(**parsed["schedule"])
         self.seed = int(parsed["seed"])
         zero = torch.zeros((), dtype=torch.float64)
         self.device_seconds = zero.clone() if device_seconds is None else device_seconds.clone()
@@ -126,7 +126,7 @@ class ThermodynamicConfig(InverseConfig):
     Args:
         method: 1 (device inverses, refreshed every ``inverse_every`` steps) or 2 (device solves every step).
         hardware: quantization, noise, solver size, timing: :class:`HardwareModel` (default: ideal device).
-        schedule: burn-in, sample spacing, duration or number of samples, β, chains: :class:`Schedule`.
+        schedule: burn-in, sample spacing, duration or number of samples, β, chains: :class:`SolverSchedule`.
         seed: seed of the device noise.
 
     Example:
@@ -140,7 +140,7 @@ class ThermodynamicConfig(InverseConfig):
 
     method: int = 1
     hardware: HardwareModel = field(default_factory=HardwareModel)
-    schedule: Schedule = field(default_factory=Schedule)
+    schedule: SolverSchedule = field(default_factory=SolverSchedule)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ device relax and reads results out. Every assumption is a named field of :class:
 * **I/O** (``io_bandwidth``): every value moved between host and device costs its bit width (32 bits when not
   quantized) over a link of ``io_bandwidth`` bits per second; a symmetric matrix moves its upper triangle.
 
-Times given to the device (``dt``, ``burn_in``, ``duration`` of :class:`Schedule`) are in relaxation times
+Times given to the device (``dt``, ``burn_in``, ``duration`` of :class:`SolverSchedule`) are in relaxation times
 ``1/λ_min`` of the programmed block. The simulator knows ``λ_min`` exactly; a real host would use the damping as
 a lower bound on it, which is exact up to the factor ``(λ_min(A) + √λ) / √λ``.
 """
@@ -43,7 +43,7 @@ from kronfac.linalg.thermodynamic.quantize import check_bits, quantize
 __all__ = [
     "DeviceReport",
     "HardwareModel",
-    "Schedule",
+    "SolverSchedule",
     "block_slices",
     "device_inverse",
     "device_solve",
@@ -104,7 +104,7 @@ class HardwareModel:
 
 
 @dataclass(kw_only=True)
-class Schedule:
+class SolverSchedule:
     """How long the device runs for one read-out; times in relaxation times ``1/λ_min`` of the programmed block.
 
     Args:
@@ -210,7 +210,7 @@ def device_solve(
     programmed: Tensor,
     rhs: Tensor,
     hardware: HardwareModel,
-    schedule: Schedule,
+    schedule: SolverSchedule,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, DeviceReport]:
     """Solve ``programmed @ X = rhs`` for all columns of ``rhs`` on the (simulated) device.
@@ -245,7 +245,7 @@ def device_solve(
 def device_inverse(
     programmed: Tensor,
     hardware: HardwareModel,
-    schedule: Schedule,
+    schedule: SolverSchedule,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, DeviceReport]:
     """Estimate ``programmed^{-1}`` (block-diagonal when blocked) from the stationary covariance.

@@ -262,7 +262,8 @@ def simulate_ou(
         z = _modal_step(z, mean, rates, burn, float(beta), generator)
 
     # Chunked recurrence z_j = a z_{j-1} + η_j:  z_{1..L} = a^{1..L} z_0 + P η with P[j, i] = a^{j-i} (i <= j).
-    lags = torch.arange(CHUNK, dtype=dtype, device=matrix.device)
+    sizes = _batch_sizes(num_samples, num_batches)
+    lags = torch.arange(min(CHUNK, max(sizes)), dtype=dtype, device=matrix.device)
     lag_matrix = lags.unsqueeze(1) - lags.unsqueeze(0)
     transfer = _decay(rates.view(d, 1, 1) * step * lag_matrix.clamp_min(0)) * (lag_matrix >= 0)
     decay_powers = _decay(rates.unsqueeze(1) * step * (lags + 1))
@@ -271,11 +272,11 @@ def simulate_ou(
     drive = ((1 - decay) * mean).unsqueeze(1)
 
     batch_means = []
-    for size in _batch_sizes(num_samples, num_batches):
+    for size in sizes:
         total = matrix.new_zeros((d, chains) if mode is OUMode.SOLVE else (d, d))
         done = 0
         while done < size:
-            length = min(CHUNK, size - done)
+            length = min(len(lags), size - done)
             noise = torch.randn((d, length, chains), generator=generator, dtype=dtype, device=matrix.device)
             eta = drive + noise_std * noise
             path = decay_powers[:, :length, None] * z.unsqueeze(1) + transfer[:, :length, :length] @ eta
@@ -289,7 +290,7 @@ def simulate_ou(
         batch_means.append(total / (size if mode is OUMode.SOLVE else size * chains))
 
     modal = torch.stack(batch_means)
-    weights = torch.tensor(_batch_sizes(num_samples, num_batches), dtype=dtype, device=matrix.device)
+    weights = torch.tensor(sizes, dtype=dtype, device=matrix.device)
     if mode is OUMode.SOLVE:
         per_batch = basis @ modal
     else:
