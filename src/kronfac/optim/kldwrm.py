@@ -18,7 +18,8 @@ into its step (``KFAC(model, correction=KLDWRM(...))``), not as copies of K-FAC:
   ``c_{k-1} = g_{k-1} - ĝ_{k-1} + (F̄_{k-1} + δI) u_{k-1}`` (``u`` the preconditioned direction) and
   ``ĝ_k = g_k - ρ (λ_k/λ_{k-1}) c_{k-1}``; the system matrix ``F̄ + F_k/λ`` is approximated by the augmented
   factors ``(Ḡ + lr G_k) ⊗ (Ā + lr A_k)`` (``A_k``, ``G_k`` the batch factors), inverted with K-FAC's backend.
-* ``"qe"``: the Q step refined by ``inner_steps`` gradient steps on the *exact* wake objective
+* ``"qe"``: the Q step refined by ``inner_steps`` steps (preconditioned by the augmented K-FAC inverse, monotone
+  in the objective, then KL-clipped in the Fisher norm) on the *exact* wake objective
   ``g_k^T s + ½ s^T F_k s + λ_k Σ_j w_j [KL(p_{θ_j}(x) || p_θ(x)) + (δ/2) ||θ - θ_j||²]`` on the current batch
   ``x``, against the last ``networks`` stored parameter snapshots (KL of the softmax for cross-entropy, squared
   distance of the outputs for MSE). The batch is the positional input of the model's last forward pass.
@@ -31,6 +32,7 @@ with identity curvature. Under :class:`~kronfac.KFACPreconditioner` the ratio ``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -95,6 +97,13 @@ class KLDWRMVariant(str, Enum):
     QE = "qe"
 
 
+def _as_matrix(layer: TrackedLayer, tensors: list[Tensor]) -> Tensor:
+    """Per-parameter tensors of a layer (weight, bias) as its ``d_o x d_i`` matrix, like ``grad_matrix``."""
+    if layer.adapter.diagonal_a:
+        return tensors[0].T
+    return torch.cat([tensors[0].reshape(tensors[0].shape[0], -1)] + [t.unsqueeze(1) for t in tensors[1:]], dim=1)
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
@@ -114,6 +123,9 @@ class KLDWRM(GradientCorrection):
         inner_steps: QE: gradient steps on the exact wake objective.
         inner_lr: QE: inner step size as a fraction of the group's lr (the paper's ``inner_lr_factor``).
         networks: QE: parameter snapshots kept (the current one included).
+        inner_preconditioned: QE: precondition the inner gradient with the (augmented) K-FAC inverse, a
+            Newton-like step on the wake objective; ``False`` takes the paper's plain gradient steps, which
+            diverge unless ``inner_lr`` is below ``1 / λ_max(F)``.
 
     Raises:
         ValueError: naming the argument that is out of range.
@@ -125,8 +137,9 @@ class KLDWRM(GradientCorrection):
         rho: float | None = None,
         *,
         inner_steps: int = 5,
-        inner_lr: float = 0.1,
+        inner_lr: float = 1.0,
         networks: int = 3,
+        inner_preconditioned: bool = True,
     ) -> None:
         try:
             self.variant = KLDWRMVariant(variant)
@@ -141,6 +154,7 @@ class KLDWRM(GradientCorrection):
         if not isinstance(networks, int) or networks < 1:
             raise ValueError(f"Invalid networks: {networks!r} (must be an integer >= 1)")
         self.rho, self.inner_steps, self.inner_lr, self.networks = rho, inner_steps, float(inner_lr), networks
+        self.inner_preconditioned = inner_preconditioned
         self._bound = False
         self.carry: dict[str, tuple[Tensor, float]] = {}  # key -> (c_{k-1}, lr_{k-1})
         self.batch: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (A_k, G_k) batch factors (Q, QE)
@@ -305,21 +319,43 @@ class KLDWRM(GradientCorrection):
         anchors = {
             name: sum(wj * snap[name] for wj, snap in zip(weights[gi], self.snapshots)) for name, gi, _, _ in meta
         }
-        for _ in range(self.inner_steps):
+        # Monotone inner descent: every iterate is evaluated; a step that raises the wake objective J is undone
+        # and retried at half the size, so the result is never worse (in J) than the Q step it starts from.
+        scale, best_value = self.inner_lr, math.inf
+        group_lr = {gi: lr for _, gi, lr, _ in meta}
+        best: dict[str, Tensor] = {}
+        direction: dict[str, Tensor] = {}
+        for iteration in range(self.inner_steps + 1):
             frozen = {n: t for n, t in current.items() if n not in theta}
             out = self._output(optimizer, {**frozen, **theta})
             kl_grads: dict[str, Tensor] = {}
+            value = 0.0
             for gi in groups:
                 kl = torch.stack([wj * self._kl(optimizer, t, out) for wj, t in zip(weights[gi], targets)]).sum()
                 own = [n for n, g2, _, _ in meta if g2 == gi]
                 kl_grads.update(zip(own, torch.autograd.grad(kl, [theta[n] for n in own], retain_graph=True)))
+                value += float(kl.detach()) / group_lr[gi]
             with torch.no_grad():
                 model_terms = self._model_terms(optimizer, theta, current, meta)
+                gradients = {}
                 for name, gi, lr, g_k in meta:
                     damping = optimizer.group_value(optimizer.param_groups[gi], "damping")
+                    s = theta[name] - current[name]
+                    value += float((g_k * s).sum() + 0.5 * (model_terms[name] * s).sum())
+                    value += 0.5 * damping / lr * float((theta[name] - anchors[name]).square().sum())
                     wake = kl_grads[name] + damping * (theta[name] - anchors[name])
-                    total = g_k + model_terms[name] + wake / lr
-                    theta[name].sub_(total, alpha=self.inner_lr * lr)
+                    gradients[name] = g_k + model_terms[name] + wake / lr
+                if value <= best_value:
+                    best_value = value
+                    best = {n: t.detach().clone() for n, t in theta.items()}
+                    direction = self._precondition_all(optimizer, gradients) if self.inner_preconditioned else gradients
+                else:
+                    scale *= 0.5
+                if iteration == self.inner_steps:
+                    break
+                for name, _, lr, _ in meta:
+                    theta[name].copy_(best[name] - scale * lr * direction[name])
+        theta = best
         result: Updates = []
         for (params, updates), group in zip(per_group, optimizer.param_groups):
             lr = optimizer.group_value(group, "lr")
@@ -327,8 +363,36 @@ class KLDWRM(GradientCorrection):
                 (current[names[p]] - theta[names[p]].detach()) / lr if names[p] in theta else u
                 for p, u in zip(params, updates)
             ]
+            if group["kl_clip"] is not None and any(names[p] in theta for p in params):
+                new = self._kl_clip(optimizer, group, params, new)
             result.append((params, new))
         return result
+
+    def _kl_clip(
+        self, optimizer: KFAC, group: dict[str, Any], params: list[Tensor], updates: list[Tensor]
+    ) -> list[Tensor]:
+        """KL clip of the refined step in the Fisher norm, ``ν = min(1, sqrt(κ / (lr² uᵀ(F̄ + δI)u)))`` over the
+        group (K-FAC's ``<u, g>`` equals it for ``u = (F̄ + δI)^{-1} g``; the refined step is not of that form)."""
+        names: dict[Any, str] = optimizer._param_names
+        lr, kl_clip = optimizer.group_value(group, "lr"), optimizer.group_value(group, "kl_clip")
+        damping = optimizer.group_value(group, "damping")
+        by_name = {names[p]: u for p, u in zip(params, updates)}
+        seen: set[str] = set()
+        quad = 0.0
+        for layer in optimizer.layers.values():
+            pnames = [names[p] for p in layer.params]
+            block: Any = layer.block
+            if any(n not in by_name for n in pnames) or block.a_factor is None:
+                continue
+            u = _as_matrix(layer, [by_name[n] for n in pnames]).to(block.g_factor.dtype)
+            fu = block.g_factor @ u
+            fu = fu * block.a_factor if block.a_factor.ndim == 1 else fu @ block.a_factor
+            quad += float((u * (fu + damping * u)).sum())
+            seen.update(pnames)
+        quad += sum(float(u.square().sum()) for n, u in by_name.items() if n not in seen)
+        vg = quad * lr**2
+        nu = min(1.0, (kl_clip / vg) ** 0.5) if vg > 0 else 1.0
+        return [u * nu for u in updates]
 
     def _model_terms(
         self,
@@ -344,17 +408,26 @@ class KLDWRM(GradientCorrection):
             pnames = [names[p] for p in layer.params]
             if layer.name not in self.batch or any(n not in theta for n in pnames):
                 continue
-            deltas = [theta[n].detach() - current[n] for n in pnames]
-            if layer.adapter.diagonal_a:
-                s = deltas[0].T
-            else:
-                cols = [deltas[0].reshape(deltas[0].shape[0], -1)] + [d.unsqueeze(1) for d in deltas[1:]]
-                s = torch.cat(cols, dim=1)
+            s = _as_matrix(layer, [theta[n].detach() - current[n] for n in pnames])
             a_batch, g_batch = self.batch[layer.name]
             fs = g_batch.to(s.dtype) @ s
             fs = fs * a_batch.to(s.dtype) if a_batch.ndim == 1 else fs @ a_batch.to(s.dtype)
             for n, part in zip(pnames, layer.adapter.split(layer.module, fs)):
                 out[n] = part.reshape(theta[n].shape)
+        return out
+
+    def _precondition_all(self, optimizer: KFAC, gradients: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The inner gradient of every layer through the (augmented) K-FAC inverse; other parameters as they are."""
+        names = optimizer._param_names
+        out = dict(gradients)
+        for group, layers in zip(optimizer.param_groups, optimizer.layer_groups):
+            for layer in layers:
+                pnames = [names[p] for p in layer.params]
+                if any(n not in gradients for n in pnames):
+                    continue
+                matrix = self.precondition(optimizer, group, layer, _as_matrix(layer, [gradients[n] for n in pnames]))
+                for n, part in zip(pnames, layer.adapter.split(layer.module, matrix)):
+                    out[n] = part.reshape(gradients[n].shape)
         return out
 
     # -- checkpointing ---------------------------------------------------------------------------------------
