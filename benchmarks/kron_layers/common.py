@@ -6,6 +6,7 @@ Data never leaves the machine: sklearn's bundled 8x8 digits and mnist1d's genera
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -75,9 +76,17 @@ def digits_sequences() -> Split:
 
 
 def mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mnist1d's default data set from its generator; ``$KRONFAC_MNIST1D_NPZ`` may point to a saved copy."""
+    cached = os.environ.get("KRONFAC_MNIST1D_NPZ")
+    if cached and Path(cached).exists():
+        with np.load(cached) as f:
+            return f["x"], f["y"], f["x_test"], f["y_test"]
     import mnist1d.data
 
     ds = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+    if cached:
+        Path(cached).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cached, x=ds["x"], y=ds["y"], x_test=ds["x_test"], y_test=ds["y_test"])
     return ds["x"], ds["y"], ds["x_test"], ds["y_test"]
 
 

@@ -24,22 +24,26 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import Split, digits_sequences, environment, median_ms, mnist1d_sequences, write_results
+from common import HERE, Split, digits_sequences, environment, median_ms, mnist1d_sequences, write_results
 from torch import Tensor, nn
 
 from kronfac.nn import KronGRU, KronLSTM, StructuredRNN
 from kronfac.nn.factorize import KronShape, kron_shape_options, nearest_kronecker
 
 GATES = {"LSTM": 4, "GRU": 3}
-LRS = (3e-3, 1e-2)
+LRS = (3e-3, 1e-2, 3e-2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -336,8 +340,26 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def findings(summary: list[dict[str, Any]]) -> list[str]:
+    """Head-to-head counts of the Kronecker model (from scratch) against the baselines at equal size."""
+    acc = {(s["dataset"], s["cell"], s["method"], s["target"]): s["test_acc_mean"] for s in summary}
+    settings = sorted({(d, c, t) for d, c, m, t in acc if m == "kron"})
+    out = []
+    for other in ("lowrank", "prune", "kron-nkp"):
+        wins = sum(acc[(d, c, "kron", t)] > acc[(d, c, other, t)] for d, c, t in settings)
+        n = len(settings)
+        out.append(f"- kron (from scratch) vs {other}: higher mean test accuracy in {wins} of {n} settings.")
+    drops = [100 * (acc[(d, c, "dense", None)] - acc[(d, c, "kron", t)]) for d, c, t in settings]
+    out.append(
+        "- accuracy lost by kron vs dense, percentage points: "
+        + ", ".join(f"{d} {c} {t:.0f}x: {x:.1f}" for (d, c, t), x in zip(settings, drops))
+        + "."
+    )
+    return out
+
+
 def markdown(
-    summary: list[dict[str, Any]], sweep: list[dict[str, Any]], cfg: Config, wall_s: float, quick: bool
+    summary: list[dict[str, Any]], sweep: list[dict[str, Any]], cfg: Config, wall_s: float, quick: bool, where: str
 ) -> str:
     lines = [
         "## Compression: Kronecker RNN vs low-rank vs pruning at equal size",
@@ -348,7 +370,7 @@ def markdown(
         "weight entries / method's (biases excluded; pruning counts nonzeros only). Latency: median ms per forward "
         f"of {cfg.latency_batch} test sequences, 1 CPU thread, every method on the same Python recurrence loop; "
         "the fused nn.LSTM/nn.GRU row is PyTorch's C++ kernel for reference. Test accuracy in % (mean ± std). "
-        f"Total run time {wall_s / 60:.1f} min on the benchmark machine{' (--quick)' if quick else ''}.",
+        f"Total run time {wall_s / 60:.1f} min ({where}){' (--quick)' if quick else ''}.",
         "",
         "| data | cell | method | target | rec. weights | compression | test acc % | latency ms | lr |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -366,6 +388,7 @@ def markdown(
             f"| {s['dataset']} | {s['cell']} | {s['method']} | {target} | {s['recurrent_weight_params']} | "
             f"{s['compression']:.1f}x | {acc} | {lat} | {lr} |"
         )
+    lines += ["", *findings(summary)]
     hiddens = sorted({r["hidden"] for r in sweep})
     methods = list(dict.fromkeys(r["method"] for r in sweep))
     lines += [
@@ -383,12 +406,46 @@ def markdown(
     return "\n".join(lines)
 
 
+def _where(payload: dict[str, Any]) -> str:
+    env = payload["environment"]
+    return (
+        f"{env['cpu_count']}-core {env['machine']} host, torch {env['torch']}, {env['jobs']} task(s) in parallel, "
+        "1 thread each"
+        + (
+            f"; 1/5/15-min load average at the end {', '.join(f'{x:.1f}' for x in env['loadavg_at_end'])}: "
+            "other jobs shared the cores, so latencies carry that noise"
+            if "loadavg_at_end" in env
+            else ""
+        )
+    )
+
+
+def _task(spec: tuple[str, str, Config, bool]) -> list[dict[str, Any]]:
+    dataset, mode, cfg, quick = spec
+    torch.set_num_threads(1)
+    data = {"digits": digits_sequences, "mnist1d": mnist1d_sequences}[dataset]()
+    t1 = time.perf_counter()
+    rows = run_task(dataset, data, mode, cfg, quick)
+    print(f"{dataset} {mode}: {time.perf_counter() - t1:.0f}s", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 lr, few epochs (smoke test)")
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
     parser.add_argument("--cells", nargs="+", default=["LSTM", "GRU"])
+    parser.add_argument("--jobs", type=int, default=2, help="(data set, cell) tasks in parallel, 1 thread each")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for the JSON and markdown")
+    parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the saved JSON")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "compression.json").read_text())
+        cfg_saved = Config(**{k: tuple(v) if k == "seeds" else v for k, v in saved["config"].items()})
+        md = markdown(saved["summary"], saved["latency_sweep"], cfg_saved, saved["wall_s"], False, _where(saved))
+        write_results("compression", saved, md, args.out)
+        print(md)
+        return
     torch.set_num_threads(1)
     if args.quick:
         cfg = Config(
@@ -404,28 +461,28 @@ def main() -> None:
             batch={"digits": 64, "mnist1d": 128},
         )
     t0 = time.perf_counter()
-    loaders = {"digits": digits_sequences, "mnist1d": mnist1d_sequences}
-    rows: list[dict[str, Any]] = []
-    for dataset in args.datasets:
-        data = loaders[dataset]()
-        for mode in args.cells:
-            t1 = time.perf_counter()
-            rows += run_task(dataset, data, mode, cfg, args.quick)
-            print(f"{dataset} {mode}: {time.perf_counter() - t1:.0f}s", flush=True)
+    tasks = [(dataset, mode, cfg, args.quick) for dataset in args.datasets for mode in args.cells]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = pool.map(_task, tasks)
+    else:
+        results = [_task(t) for t in tasks]
+    rows: list[dict[str, Any]] = [row for result in results for row in result]
     sweep = latency_sweep((128, 256) if args.quick else (128, 256, 512, 1024))
     wall = time.perf_counter() - t0
     summary = summarize(rows)
     payload = {
         "config": asdict(cfg),
         "lrs": list(LRS),
-        "environment": environment(),
+        "environment": environment()
+        | {"cpu_count": os.cpu_count(), "jobs": args.jobs, "loadavg_at_end": list(os.getloadavg())},
         "wall_s": wall,
         "summary": summary,
         "latency_sweep": sweep,
         "runs": rows,
     }
-    md = markdown(summary, sweep, cfg, wall, args.quick)
-    write_results("compression" + ("_quick" if args.quick else ""), payload, md)
+    md = markdown(summary, sweep, cfg, wall, args.quick, _where(payload))
+    write_results("compression" + ("_quick" if args.quick else ""), payload, md, args.out)
     print(md)
 
 

@@ -6,11 +6,13 @@ pretrained on mnist1d classes 0-4 and fine-tuned on classes 5-9 (600 training sa
 method trains the new head; the rest is frozen except the method's own parameters:
 
 - ``head only``: linear probe (lower reference); ``full``: every parameter (upper reference).
-- ``LoRA`` / ``LoKr``: the PyPI ``peft`` package (``LoraConfig`` / ``LoKrConfig``) on the four FFN Linear layers.
+- ``LoRA`` / ``LoKr``: the PyPI ``peft`` package (``LoraConfig`` / ``LoKrConfig``) on the four FFN Linear layers;
+  LoKr in its usual form (``w1 ⊗ (w2_a w2_b)``, low-rank ``w2``), plus once with a full ``w2`` at KronA's shapes,
+  where it is the same model as KronA (a cross-check of the two implementations).
 - ``KronA`` (:func:`kronfac.nn.add_kron_adapters`, ``variant="krona"``) on the same four layers.
 - ``KronA^B`` / ``KronA^B_res``: one adapter parallel to each FFN block (two adapters, larger factors).
 
-Two budgets: ~1.1-1.3k and ~4.1k adapter parameters (exact counts in the table; head excluded). Adam, cosine
+Two budgets: ~1.0-1.3k and ~4.1k adapter parameters (exact counts in the table; head excluded). Adam, cosine
 schedule, lr swept over ``LRS`` on seed 0 by validation accuracy, 3 seeds. Run:
 ``python benchmarks/kron_layers/finetune_adapters.py [--quick]``.
 """
@@ -19,16 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import environment, mnist1d_arrays, write_results
+from common import HERE, environment, mnist1d_arrays, write_results
 from torch import Tensor, nn
 
 from kronfac.nn import add_kron_adapters
@@ -162,12 +167,13 @@ def methods(budget: str) -> dict[str, Callable[[MLP], nn.Module]]:
     from peft import LoKrConfig, LoraConfig
 
     small = budget == "small"
-    # Per FFN Linear (128 x 128): KronA A (8x8) ⊗ B (16x16) = 320, LoRA r=1 = 256 (r=2 would be 512),
-    # LoKr (default near-square split, full w2) = 320 (small); (4x4) ⊗ (32x32) = 1040 vs LoRA r=4 = 1024,
-    # LoKr decompose_factor=4 = 1040 (large). Block adapters: two of them, so larger factors.
-    krona = 8 if small else 4
+    # Per FFN Linear (128 x 128): KronA A (8x16) ⊗ B (16x8) = 256 = LoRA r=1 (small); (4x4) ⊗ (32x32) = 1040
+    # vs LoRA r=4 = 1024 (large). Block adapters: two instead of four, so larger factors.
+    krona: Any = ((8, 16), (16, 8)) if small else 4
     lora_r = 1 if small else 4
-    lokr = {"r": 8, "alpha": 8} if small else {"r": 16, "alpha": 16, "decompose_factor": 4}
+    # LoKr with a low-rank w2 (its usual form): w1 (4x4) + rank-5 w2 (32x32) = 336; w1 (2x2) + rank-8 w2 (64x64)
+    # = 1028. With a full w2 LoKr is KronA (same shapes, same init, same scale): the "full w2" row checks that.
+    lokr = {"r": 5, "alpha": 5, "decompose_factor": 4} if small else {"r": 8, "alpha": 8, "decompose_factor": 2}
     block = ((8, 4), (16, 32)) if small else ((2, 4), (64, 32))
 
     def head_only(m: MLP) -> nn.Module:
@@ -185,7 +191,9 @@ def methods(budget: str) -> dict[str, Callable[[MLP], nn.Module]]:
     return {
         "LoRA (peft)": lambda m: _peft(m, LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=FFN_LINEARS)),
         "LoKr (peft)": lambda m: _peft(m, LoKrConfig(target_modules=FFN_LINEARS, **lokr)),
+        "LoKr (peft, full w2)": lambda m: _peft(m, LoKrConfig(target_modules=FFN_LINEARS, r=8, alpha=8)),
         "KronA": kron("krona", FFN_LINEARS, krona),
+        "KronA (LoKr's full-w2 shapes)": kron("krona", FFN_LINEARS, 8),
         "KronA^B": kron("krona_block", FFN_BLOCKS, block),
         "KronA^B_res": kron("krona_block_res", FFN_BLOCKS, block),
         "head only": head_only,
@@ -202,10 +210,63 @@ def adapter_params(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".head." not in f".{n}")
 
 
+def findings(summary: list[dict[str, Any]]) -> list[str]:
+    acc = {(x["method"], x["budget"]): 100 * x["test_acc_mean"] for x in summary}
+    out = []
+    for budget in ("small", "large"):
+        if ("KronA", budget) in acc and ("LoRA (peft)", budget) in acc:
+            k, lo = acc[("KronA", budget)], acc[("LoRA (peft)", budget)]
+            best = max((a, m) for (m, b), a in acc.items() if b == budget)
+            out.append(
+                f"- {budget} budget: KronA {k:.1f}% vs LoRA {lo:.1f}% ({k - lo:+.1f} points); best adapter "
+                f"{best[1]} {best[0]:.1f}%; full fine-tuning {acc[('full fine-tuning', '-')]:.1f}%."
+            )
+    pair = (acc.get(("LoKr (peft, full w2)", "small")), acc.get(("KronA (LoKr's full-w2 shapes)", "small")))
+    if None not in pair:
+        same = "the same" if abs(pair[0] - pair[1]) < 1e-9 else "different"
+        out.append(
+            f"- cross-check: PEFT's LoKr with a full w2 and KronA at the same shapes give {same} accuracy "
+            f"({pair[0]:.1f}% vs {pair[1]:.1f}%): same parameterisation, same init, same scale."
+        )
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    cfg, pre, summary, quick = payload["config"], payload["pretrain"], payload["summary"], payload.get("quick", False)
+    total = sum(p.numel() for p in MLP().parameters())
+    lines = [
+        "## Adapters: KronA vs LoRA / LoKr (peft) vs full fine-tuning",
+        "",
+        f"Residual MLP ({total} parameters) pretrained on mnist1d classes 0-4 (test acc "
+        f"{100 * pre['test_acc']:.1f}%), fine-tuned on classes 5-9 with {cfg['finetune_train']} training samples and "
+        f"a new head ({WIDTH * 5 + 5} parameters, trained by every method, not counted as adapter parameters). "
+        f"Adam + cosine, {cfg['finetune_epochs']} epochs, batch {cfg['batch']}, lr swept over {payload['lrs']} on "
+        f"seed 0 by validation accuracy, seeds {list(cfg['seeds'])}; test accuracy in % (mean ± std). "
+        f"Run time {payload['wall_s'] / 60:.1f} min, 1 CPU thread ({os.cpu_count()} cores on the machine, shared "
+        f"with other jobs){' (--quick)' if quick else ''}.",
+        "",
+        "| method | budget | adapter params | trainable params | test acc % | lr |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for x in summary:
+        lines.append(
+            f"| {x['method']} | {x['budget']} | {x['adapter_params']} | {x['trainable_params']} | "
+            f"{100 * x['test_acc_mean']:.1f} ± {100 * x['test_acc_std']:.1f} | {x['lr']:g} |"
+        )
+    return "\n".join([*lines, "", *findings(summary)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for the JSON and markdown")
+    parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the saved JSON")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "adapters.json").read_text())
+        write_results("adapters", saved, markdown(saved), args.out)
+        print(markdown(saved))
+        return
     torch.set_num_threads(1)
     cfg = Config(pretrain_epochs=3, finetune_epochs=2, seeds=(0,)) if args.quick else Config()
     lrs = LRS[:1] if args.quick else LRS
@@ -219,7 +280,7 @@ def main() -> None:
     plan: list[tuple[str, str, Callable[[MLP], nn.Module]]] = [("full fine-tuning", "-", full)]
     for budget in ("small", "large"):
         for name, make in methods(budget).items():
-            if name == "head only" and budget == "large":
+            if name in ("head only", "LoKr (peft, full w2)", "KronA (LoKr's full-w2 shapes)") and budget == "large":
                 continue
             plan.append((name, "-" if name == "head only" else budget, make))
 
@@ -257,25 +318,6 @@ def main() -> None:
                 "lr": rs[0]["lr"],
             }
         )
-    total = sum(p.numel() for p in base.parameters())
-    lines = [
-        "## Adapters: KronA vs LoRA / LoKr (peft) vs full fine-tuning",
-        "",
-        f"Residual MLP ({total} parameters) pretrained on mnist1d classes 0-4 (test acc "
-        f"{100 * pre['test_acc']:.1f}%), fine-tuned on classes 5-9 with {cfg.finetune_train} training samples and a "
-        f"new head ({WIDTH * 5 + 5} parameters, trained by every method, not counted as adapter parameters). "
-        f"Adam + cosine, {cfg.finetune_epochs} epochs, batch {cfg.batch}, lr swept over {list(lrs)} on seed 0 by "
-        f"validation accuracy, seeds {list(cfg.seeds)}; test accuracy in % (mean ± std). "
-        f"Run time {wall / 60:.1f} min, 1 CPU thread{' (--quick)' if args.quick else ''}.",
-        "",
-        "| method | budget | adapter params | trainable params | test acc % | lr |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for s in summary:
-        lines.append(
-            f"| {s['method']} | {s['budget']} | {s['adapter_params']} | {s['trainable_params']} | "
-            f"{100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} | {s['lr']:g} |"
-        )
     payload = {
         "config": asdict(cfg),
         "lrs": list(lrs),
@@ -284,9 +326,10 @@ def main() -> None:
         "wall_s": wall,
         "summary": summary,
         "runs": rows,
+        "quick": args.quick,
     }
-    md = "\n".join(lines)
-    write_results("adapters" + ("_quick" if args.quick else ""), payload, md)
+    md = markdown(payload)
+    write_results("adapters" + ("_quick" if args.quick else ""), payload, md, args.out)
     print(md)
 
 
