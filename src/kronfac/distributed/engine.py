@@ -97,7 +97,8 @@ class DistributedKFAC:
         optimizer.capture.listener = self  # completions drive spd; both strategies time the capture hooks
         self._round: PipelinedAllReduce | None = None
         self._written: dict[str, tuple[int, int]] = {}
-        self._acc = dict.fromkeys(("factor", "comm_wait", "inversion", "curvature"), 0.0)
+        # "hooks": factor time inside forward/backward (capture hooks, packing); "factor": inside step().
+        self._acc = dict.fromkeys(("hooks", "factor", "comm_wait", "inversion", "curvature"), 0.0)
         self._step_begin: float | None = None
         self._last_end: float | None = None
         self.timings: dict[str, float] = {}
@@ -162,7 +163,7 @@ class DistributedKFAC:
         if not self._order_learned and name not in self._completed:
             self._completed.append(name)
         current.mark_ready(name)
-        self._acc["factor"] += perf_counter() - start
+        self._acc["hooks"] += perf_counter() - start
 
     def _sync_spd(self) -> None:
         current = self._open_round()
@@ -247,7 +248,7 @@ class DistributedKFAC:
     def _end_round(self) -> None:
         self._round = None
         self._written.clear()
-        self._acc["factor"] += self.opt.capture.factor_seconds
+        self._acc["hooks"] += self.opt.capture.factor_seconds
         self.opt.capture.reset_completion()
 
     def refresh_inverses(self) -> None:
@@ -321,14 +322,14 @@ class DistributedKFAC:
         acc = self._acc
         step = now - self._step_begin
         timings = {
-            "factor": acc["factor"],
+            "factor": acc["hooks"] + acc["factor"],
             "comm_wait": acc["comm_wait"],
             "inversion": acc["inversion"],
             "precondition": max(step - acc["curvature"], 0.0),
             "step": step,
         }
         if self._last_end is not None:
-            timings["forward_backward"] = max(self._step_begin - self._last_end - acc["factor"], 0.0)
+            timings["forward_backward"] = max(self._step_begin - self._last_end - acc["hooks"], 0.0)
         self.timings = timings
         self._last_end, self._step_begin = now, None
         self._acc = dict.fromkeys(acc, 0.0)
