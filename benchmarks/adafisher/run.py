@@ -35,7 +35,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "mlp-digits": (300, 300),
     "cnn-digits": (300, 300),
     "mlp-mnist1d": (800, 400),
-    "charlm": (120, 40),
+    "charlm": (100, 100),
 }
 SEEDS = (0, 1, 2)
 #: Compared by default; ``adafisherw`` (registered by the harness too) can be added with ``--methods``.

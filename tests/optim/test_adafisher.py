@@ -43,9 +43,9 @@ def test_minmax_normalize_maps_to_unit_interval_and_is_scale_free() -> None:
     v = torch.tensor([3.0, 5.0, 4.0, 7.0])
     torch.testing.assert_close(minmax_normalize(v), torch.tensor([0.0, 0.5, 0.25, 1.0]))
     torch.testing.assert_close(minmax_normalize(1e-9 * v), minmax_normalize(v))
-    assert torch.equal(minmax_normalize(torch.full((3,), 2.0)), torch.zeros(3))
+    assert torch.equal(minmax_normalize(torch.full((3,), 2.0)), torch.ones(3))  # all entries at the maximum
     nearly_constant = torch.tensor([1.0, 1.0 + 1e-12])
-    assert minmax_normalize(nearly_constant).max() < 1e-5  # floor: round-off is not blown up to [0, 1]
+    assert minmax_normalize(nearly_constant).min() > 1 - 1e-5  # floor: round-off is not blown up to [0, 1]
 
 
 def test_linear_step_equals_formula_by_hand() -> None:

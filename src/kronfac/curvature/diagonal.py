@@ -46,9 +46,9 @@ __all__ = [
     "minmax_normalize",
 ]
 
-#: Relative floor of the min-max range: a nearly constant vector is not blown up to ``[0, 1]`` beyond this
-#: resolution. The reference adds an absolute 1e-6 to the range; kronfac's statistics are of per-sample gradients
-#: (the reference's of an averaged loss), so a floor relative to the largest entry keeps the result scale-free.
+#: Relative floor of the min-max range: differences below ``MINMAX_EPS · max|v|`` are not blown up to ``[0, 1]``.
+#: The reference adds an absolute 1e-6 to the range; kronfac's statistics are of per-sample gradients (the
+#: reference's of an averaged loss), so a floor relative to the largest entry keeps the result scale-free.
 MINMAX_EPS = 1e-6
 #: The reference code's averaging coefficients (``gamma = 0.8``: ``0.1 γ`` on the old value, ``0.01 γ`` on the new).
 REFERENCE_OLD_WEIGHT = 0.08
@@ -63,11 +63,17 @@ class FactorAveraging(str, Enum):
 
 
 def minmax_normalize(v: Tensor, eps: float = MINMAX_EPS) -> Tensor:
-    """``(v - min v) / max(max v - min v, eps · max|v|)``: entries in ``[0, 1]``; a constant vector maps to 0."""
+    """``1 - (max v - v) / max(max v - min v, eps · max|v|)``: entries in ``[0, 1]``.
+
+    Whenever the range is above the floor this is min-max normalisation, ``(v - min v) / (max v - min v)``. A
+    constant vector (e.g. the position frequencies of a fixed-length sequence) maps to ones, not zeros: every
+    entry is at the maximum. The reference's ``(v - min) / (max - min + 1e-6)`` maps it to zeros, which makes
+    ``F_D = λ`` and the step ``lr / λ`` times the momentum for the whole layer.
+    """
     low, high = v.min(), v.max()
     span = torch.maximum(high - low, eps * v.abs().max())
     span = torch.where(span > 0, span, torch.ones_like(span))
-    return (v - low) / span
+    return 1.0 - (high - v) / span
 
 
 class DiagonalFactors(CurvatureBlock):
