@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -165,7 +166,8 @@ def main() -> None:
                 runs.append({"seed": seed, "curve": curve, "median_ms": statistics.median(step_ms)})
             results[name] = {"lr": best, "sweep": sweep, "runs": runs}
             print(name, best, [r["curve"][-1]["accuracy"] for r in runs], flush=True)
-    meta = {"device": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
+    device = f"CPU ({platform.machine()}, {os.cpu_count()} cores, shared)"
+    meta = {"device": device, "threads": args.threads, "torch": torch.__version__,
             "epochs": epochs, "sweep_epochs": sweep_epochs, "seeds": seeds, "lr_grid": lr_grid, "batch": batch,
             "platform": PLATFORM, "quick": args.quick, "seconds": time.perf_counter() - started}  # fmt: skip
     if args.method is not None:
