@@ -41,9 +41,11 @@ __all__ = ["ThermodynamicConfig", "ThermodynamicInverse", "ThermodynamicSolveInv
 
 
 def _generator(seed: int, *tensors: Tensor) -> torch.Generator:
-    """A generator seeded by ``seed`` and a digest of ``tensors`` (float hashes are stable across processes)."""
+    """A generator on the tensors' device seeded by ``seed`` and a digest of ``tensors`` (hashes of floats are
+    stable across processes)."""
     digest = tuple((float(t.double().sum()), float(t.double().abs().sum()), tuple(t.shape)) for t in tensors)
-    return torch.Generator().manual_seed(hash((seed, digest)) & 0x7FFF_FFFF_FFFF_FFFF)
+    generator = torch.Generator(device=tensors[0].device)
+    return generator.manual_seed(hash((seed, digest)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _eye_like(matrix: Tensor) -> Tensor:
