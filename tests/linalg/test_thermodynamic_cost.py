@@ -96,3 +96,44 @@ def test_cli_prints_table_and_writes_json_and_plot(tmp_path: Path, capsys: pytes
     report = json.loads((tmp_path / "thermo_cost.json").read_text())
     assert [row["width"] for row in report["workloads"]["gnn"]["rows"]] == [128.0, 1024.0]
     assert (tmp_path / "thermo_cost.png").stat().st_size > 0
+
+
+def test_inverse_time_assumption_matches_the_simulator() -> None:
+    # The cost model's inverse-mode time assumes relative Frobenius error² ≈ (n + 1) / N for N independent
+    # samples (exact for M = I); samples a few relaxation times apart are independent in the simulator.
+    import torch
+
+    from kronfac.linalg.thermodynamic import simulate_ou
+
+    n, samples, chains = 8, 50, 8
+    m = torch.eye(n, dtype=torch.float64)
+    errors = []
+    for seed in range(20):
+        result = simulate_ou(
+            m,
+            mode="inverse",
+            dt=4.0,
+            burn_in=10.0,
+            num_samples=samples,
+            num_chains=chains,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        errors.append(float(torch.linalg.matrix_norm(result.estimate - m) ** 2 / n))
+    assert sum(errors) / len(errors) == pytest.approx((n + 1) / (samples * chains), rel=0.25)
+
+
+def test_solve_time_assumption_matches_the_simulator() -> None:
+    # The cost model's solve-mode time rests on Var(time average) = 2 M^{-2} / (β T) per eigenmode.
+    import torch
+
+    from kronfac.linalg.thermodynamic import simulate_ou
+
+    rates = torch.tensor([0.1, 0.3, 1.0], dtype=torch.float64)
+    m, beta, duration = torch.diag(rates), 4.0, 400.0
+    c = torch.ones(3, 400, dtype=torch.float64)
+    result = simulate_ou(
+        m, c, dt=0.5, burn_in=50.0, duration=duration, beta=beta, generator=torch.Generator().manual_seed(0)
+    )
+    variance = result.estimate.var(dim=1)
+    expected = 2 / (beta * rates**2 * duration)
+    torch.testing.assert_close(variance, expected, rtol=0.25, atol=0)
