@@ -214,7 +214,11 @@ class KLDWRM(GradientCorrection):
         hu = g_factor @ u
         hu = hu * a_factor if a_factor.ndim == 1 else hu @ a_factor
         hu = hu + optimizer.group_value(group, "damping") * u
-        self.carry[key] = ((grad - corrected + hu.to(grad.dtype)).clone(), optimizer.group_value(group, "lr"))
+        layer = optimizer.layers[key]
+        # u preconditions ĝ + ηW (weight decay), so (F̄ + δI) u ≈ ĝ + ηW: take ηW out of the carried term
+        decay = optimizer.group_value(group, "weight_decay") * layer.adapter.param_matrix(layer.module)
+        carry = grad - corrected - decay.to(grad.dtype) + hu.to(grad.dtype)
+        self.carry[key] = (carry.clone(), optimizer.group_value(group, "lr"))
 
     # -- augmented factors (Q, QE) ---------------------------------------------------------------------------
     def before_commit(self, optimizer: KFAC) -> None:
