@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as kronfac bench: subnormal gradients would slow every method's matmuls
     methods = [m for m in METHOD_LRS if m in ("kfac-cholesky",) or METHODS[m].available()]
     samples: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):

@@ -4,7 +4,7 @@ from kronfac import nn
 from kronfac.distributed import DistributedConfig
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
 from kronfac.linalg.cg import CGConfig
-from kronfac.linalg.thermodynamic import ThermodynamicConfig
+from kronfac.linalg.thermodynamic import HardwareModel, SolverSchedule, ThermodynamicConfig
 from kronfac.optim import KFAC, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
 from kronfac.optim.cgfac import CGFAC
 from kronfac.optim.kldwrm import KLDWRM
@@ -22,9 +22,11 @@ __all__ = [
     "CholeskyConfig",
     "DistributedConfig",
     "EighConfig",
+    "HardwareModel",
     "InverseConfig",
     "KFACPreconditioner",
     "KronOptimizer",
+    "SolverSchedule",
     "ThermodynamicConfig",
     "__version__",
     "nn",
