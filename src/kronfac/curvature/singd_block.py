@@ -97,10 +97,8 @@ class SINGDBlock(CurvatureBlock):
         return self._h_K is not None and self._h_C is not None and self._a_count > 0 and self._g_count > 0
 
     def pending_nonfinite(self) -> str | None:
-        if self._h_K is not None and not self._h_K.is_finite():
-            return "A"
-        if self._h_C is not None and not self._h_C.is_finite():
-            return "G"
+        """Always ``None``: non-finite statistics are found (and named) after the update, in :meth:`commit`,
+        which saves a pass over ``H_K`` and ``H_C`` on every update."""
         return None
 
     def discard_pending(self) -> None:
@@ -120,7 +118,8 @@ class SINGDBlock(CurvatureBlock):
         if not self.has_pending():
             raise RuntimeError(f"no curvature statistics were captured for layer {self.name!r}")
         assert self._h_K is not None and self._h_C is not None
-        H_K, H_C = self._h_K.scale(1.0 / self._a_count), self._h_C.scale(1.0 / self._g_count)
+        H_K, H_C = self._h_K, self._h_C
+        scales = (1.0 / self._a_count, 1.0 / self._g_count)
         self._reset_pending()
         new = update_factors(
             self.factors,
@@ -130,10 +129,15 @@ class SINGDBlock(CurvatureBlock):
             alpha1=float(alpha1),
             lr_cov=float(lr_cov),
             kfac_like=bool(kfac_like),
+            h_scales=scales,
         )
-        self.failed = next((n for n, m in zip(new._fields, new) if not m.is_finite()), None)
-        if self.failed is None:
-            self.factors = new
+        # Non-finite statistics or momenta always reach K or C, so checking these two is enough.
+        if new.K.is_finite() and new.C.is_finite():
+            self.factors, self.failed = new, None
+        elif not H_K.is_finite() or not H_C.is_finite():
+            self.failed = "A statistics" if not H_K.is_finite() else "G statistics"
+        else:
+            self.failed = "K" if not new.K.is_finite() else "C"
 
     def precondition(self, grad: Tensor) -> Tensor:
         """``C C^T ∇W K K^T`` (in the block's dtype, returned in ``grad``'s dtype)."""

@@ -80,6 +80,7 @@ def update_factors(
     alpha1: float,
     lr_cov: float,
     kfac_like: bool = False,
+    h_scales: tuple[float, float] = (1.0, 1.0),
 ) -> SINGDFactors:
     """One SINGD (or IKFAC) update of ``K, C, m_K, m_C`` from ``H_K = Π(K^T A K)`` and ``H_C = Π(C^T G C)``.
 
@@ -91,6 +92,8 @@ def update_factors(
         alpha1: ``α1``, the Riemannian momentum of ``m_K, m_C`` (ignored when ``kfac_like``).
         lr_cov: ``β1``, the step size of ``K`` and ``C``.
         kfac_like: IKFAC: no trace factors and no Riemannian momentum.
+        h_scales: ``(s_K, s_C)`` when the arguments are ``H_K / s_K`` and ``H_C / s_C`` (e.g. sums over samples
+            with ``s = 1 / N``); the factors are folded into the coefficients, saving a pass over each matrix.
 
     Returns:
         The updated factors; every matrix stays in its structure.
@@ -110,16 +113,20 @@ def update_factors(
     coeff_HC: float | Tensor
     coeff_KtK: float | Tensor
     coeff_CtC: float | Tensor
+    s_K, s_C = h_scales
     if kfac_like:
-        coeff_HK = coeff_HC = 1.0
-        coeff_KtK = coeff_CtC = damping
+        coeff_HK, coeff_HC = 0.5 * s_K, 0.5 * s_C
+        coeff_KtK = coeff_CtC = 0.5 * damping
         alpha1 = 0.0
     else:
         # the traces stay tensors: no host synchronisation on accelerators
-        coeff_HK, coeff_HC = H_C.trace() / C.dim, H_K.trace() / K.dim
-        coeff_KtK, coeff_CtC = damping * CtC.trace() / C.dim, damping * KtK.trace() / K.dim
-    new_m_K = H_K.scale(coeff_HK).add(KtK, alpha=coeff_KtK).add_diagonal(-1.0).scale(0.5)
-    new_m_C = H_C.scale(coeff_HC).add(CtC, alpha=coeff_CtC).add_diagonal(-1.0).scale(0.5)
+        tr_HK, tr_HC = H_K.trace() * (s_K / K.dim), H_C.trace() * (s_C / C.dim)
+        coeff_HK, coeff_HC = tr_HC * (0.5 * s_K), tr_HK * (0.5 * s_C)
+        coeff_KtK = CtC.trace() * (0.5 * damping / C.dim)
+        coeff_CtC = KtK.trace() * (0.5 * damping / K.dim)
+    # m = ½ [c_H H + c_KtK KtK - I] (+ α1 m), with the ½ folded into the coefficients
+    new_m_K = H_K.scale(coeff_HK).add(KtK, alpha=coeff_KtK).add_diagonal(-0.5)
+    new_m_C = H_C.scale(coeff_HC).add(CtC, alpha=coeff_CtC).add_diagonal(-0.5)
     if alpha1 != 0.0:
         new_m_K = new_m_K.add(m_K, alpha=alpha1)
         new_m_C = new_m_C.add(m_C, alpha=alpha1)

@@ -157,7 +157,7 @@ class SINGD(KronOptimizer):
             block = layer.block
             if isinstance(block, SINGDBlock) and block.failed is not None:
                 failed, block.failed = block.failed, None
-                return self._nonfinite(f"the SINGD update of {failed} in layer {name!r} became non-finite")
+                return self._nonfinite(f"non-finite {failed} in the SINGD update of layer {name!r}")
         return True
 
     def _group_updates(self, group: dict[str, Any], layers: list, plain: list[nn.Parameter]) -> tuple[list, list]:

@@ -125,7 +125,9 @@ class StructuredMatrix(ABC):
         """``self + alpha * other`` (same structure and structural parameters)."""
         self._check_same(other)
         mine, theirs = self.tensors(), other.tensors()
-        return self._new({k: mine[k] + alpha * theirs[k] for k in mine})
+        if isinstance(alpha, Tensor):  # a 0-dim tensor coefficient: one fused pass, no host synchronisation
+            return self._new({k: torch.addcmul(mine[k], theirs[k], alpha) for k in mine})
+        return self._new({k: torch.add(mine[k], theirs[k], alpha=alpha) for k in mine})
 
     def __add__(self: S, other: S) -> S:
         return self.add(other)
