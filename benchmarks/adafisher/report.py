@@ -18,8 +18,8 @@ def _task_table(record: dict[str, Any]) -> list[str]:
     base_ms = ms.get("adam")
     lines = [
         "| method | lr | test acc (mean ± std) | test loss | reached target | steps to target | s to target "
-        "| ms/step (median, interleaved) | × Adam | state KiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| diverged | ms/step (median, interleaved) | × Adam | state KiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, out in methods.items():
         s = out["summary"]
@@ -27,7 +27,8 @@ def _task_table(record: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {out['lr']:g} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | {s['loss_mean']:.3f} "
             f"| {s['reached_target']} | {_fmt(s['steps_to_target'], '.0f')} | {_fmt(s['seconds_to_target'], '.2f')} "
-            f"| {ms[name]:.2f} | {_fmt(ratio, '.2f')} | {s['state_bytes'] / 1024:.0f} |"
+            f"| {s['diverged']}/{len(out['runs'])} | {ms[name]:.2f} | {_fmt(ratio, '.2f')} "
+            f"| {s['state_bytes'] / 1024:.0f} |"
         )
     return lines
 
@@ -75,8 +76,8 @@ def write_markdown(results: dict[str, Any]) -> str:
         "ratios are the numbers to read). Seeds "
         f"{settings['seeds']}; each method's learning rate is the best final validation loss of its grid (sweep "
         "on seed 0, validation split), then every seed runs on the test split. AdaFisher options: "
-        f"`{settings['adafisher_options']}` (the default `update_every=100` would give a 150-step run only two "
-        "curvature updates), other values its defaults (λ = 1e-3, β = 0.9, EMA decay 0.8). Steps "
+        f"`{settings['adafisher_options']}` (the default `update_every=100` would give these 100-800-step runs "
+        "only 1-8 curvature updates), other values its defaults (λ = 1e-3, β = 0.9, EMA decay 0.8). Steps "
         "(seeded run, sweep run) per task, cut from the harness's full budgets to keep the study near 8 "
         f"minutes: {settings['budgets']}. Total wall-clock of this run: {settings['total_seconds'] / 60:.1f} min.",
         "",
