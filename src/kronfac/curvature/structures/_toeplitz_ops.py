@@ -2,8 +2,10 @@
 
 A ``d x d`` Toeplitz matrix ``T`` is stored as ``2d - 1`` coefficients ``c`` with ``T[i, j] = c[j - i + d - 1]``
 (``c[d - 1]`` is the main diagonal, larger indices are upper diagonals). Products with dense matrices are 1-D
-convolutions; the projections only need the *sums along diagonals* of ``S S^T`` or of ``T_1 T_2``, which are
-computed here without forming a ``d x d`` matrix.
+convolutions; the projections only need the *sums along diagonals* of ``S S^T`` or of ``T_1 T_2``. Up to
+``DENSE_MAX_DIM`` (``PRODUCT_DENSE_MAX_DIM`` for ``T_1 T_2``) these kernels use dense BLAS on a transient
+``d x d`` matrix, which is much faster on CPUs for such sizes; above it they use 1-D convolutions and a chunked
+O(d^2) sum that never form a ``d x d`` matrix. The stored state is O(d) either way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ __all__ = [
 ]
 
 _CHUNK_ELEMENTS = 1 << 22
+#: Largest dimension for which products and Gram sums go through a transient dense matrix.
+DENSE_MAX_DIM = 2048
+#: Largest dimension for which ``T_1 T_2`` is formed densely (O(d^3) time).
+PRODUCT_DENSE_MAX_DIM = 512
 
 
 def diagonal_counts(dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -44,6 +50,8 @@ def toeplitz_matmul(coeffs: Tensor, mat: Tensor) -> Tensor:
         raise ValueError(f"Invalid mat: {mat.shape[0]} rows for a Toeplitz matrix of dimension {dim}")
     if mat.shape[1] == 0:
         return mat.clone()
+    if dim <= DENSE_MAX_DIM:
+        return toeplitz_dense(coeffs.to(mat.dtype)) @ mat
     # out[i] = sum_t c[t] x[i + t - (d - 1)]  (conv1d is a cross-correlation)
     out = F.conv1d(mat.T.unsqueeze(1), coeffs.to(mat.dtype).view(1, 1, -1), padding=dim - 1)
     return out.squeeze(1).T
@@ -63,6 +71,8 @@ def gram_diagonal_sums(factor: Tensor) -> Tensor:
     dim = factor.shape[0]
     if factor.shape[1] == 0:
         return factor.new_zeros(2 * dim - 1)
+    if dim <= DENSE_MAX_DIM:
+        return diagonal_sums(factor @ factor.T)
     rows = factor.T.unsqueeze(0)  # (1, n, d): the n columns act as channels
     return F.conv1d(rows, rows, padding=dim - 1).flatten()
 
@@ -74,6 +84,8 @@ def product_diagonal_sums(left: Tensor, right: Tensor) -> Tensor:
     and column ``i + k`` exist; their number is ``max(0, d - max(0, u, k) - max(0, -u, -k))``.
     """
     dim = (left.shape[0] + 1) // 2
+    if dim <= PRODUCT_DENSE_MAX_DIM:
+        return diagonal_sums(toeplitz_dense(left) @ toeplitz_dense(right))
     u = torch.arange(-(dim - 1), dim, device=left.device)
     right_ext = F.pad(right, (dim - 1, dim - 1))  # index q + 2d - 2 holds c_2[q] for |q| <= d - 1, else 0
     out = left.new_empty(2 * dim - 1)
