@@ -159,6 +159,7 @@ class KLDWRM(GradientCorrection):
         self.carry: dict[str, tuple[Tensor, float]] = {}  # key -> (c_{k-1}, lr_{k-1})
         self.batch: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (A_k, G_k) batch factors (Q, QE)
         self.inverses: dict[str, KroneckerInverse] = {}  # layer -> augmented inverse (Q, QE)
+        self.refreshed: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (Ā, Ḡ) at the last refresh (Q, QE)
         self.snapshots: list[dict[str, Tensor]] = []  # QE: newest first
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}
         self._inputs: tuple[Any, ...] | None = None
@@ -206,10 +207,11 @@ class KLDWRM(GradientCorrection):
         if self.variant is KLDWRMVariant.SO or key not in self._pending:
             return
         grad, corrected = self._pending.pop(key)
-        block = optimizer.layers[key].block
-        a_factor, g_factor = getattr(block, "a_factor", None), getattr(block, "g_factor", None)
-        if a_factor is None or g_factor is None:
+        if key not in self.refreshed:
             return
+        # the factors the augmented inverse was built from: then (F̄ + δI) H_aug^{-1} has eigenvalues in (0, 1]
+        # and the recursion cannot amplify (the current EMA factors may have moved since the last refresh)
+        a_factor, g_factor = self.refreshed[key]
         u = update.detach().to(g_factor.dtype)
         hu = g_factor @ u
         hu = hu * a_factor if a_factor.ndim == 1 else hu @ a_factor
@@ -251,6 +253,7 @@ class KLDWRM(GradientCorrection):
                 )
                 if inverse is not None:
                     self.inverses[layer.name] = inverse
+                    self.refreshed[layer.name] = (block.a_factor.clone(), block.g_factor.clone())
 
     def precondition(self, optimizer: KFAC, group: dict[str, Any], layer: TrackedLayer, grad: Tensor) -> Tensor:
         inverse = self.inverses.get(layer.name)
@@ -440,6 +443,7 @@ class KLDWRM(GradientCorrection):
             "carry": _clone(self.carry),
             "batch": _clone(self.batch),
             "inverses": {k: inverse_to_state(v) for k, v in self.inverses.items()},
+            "refreshed": _clone(self.refreshed),
             "snapshots": _clone(self.snapshots),
         }
 
@@ -447,5 +451,6 @@ class KLDWRM(GradientCorrection):
         self.carry = {k: (v[0].clone(), float(v[1])) for k, v in state.get("carry", {}).items()}
         self.batch = _clone(state.get("batch", {}))
         self.inverses = {k: inverse_from_state(v) for k, v in state.get("inverses", {}).items()}
+        self.refreshed = _clone(state.get("refreshed", {}))
         self.snapshots = _clone(state.get("snapshots", []))
         self._pending.clear()
