@@ -114,3 +114,20 @@ def test_errors() -> None:
         lstm(torch.randn(3, 2, 5))
     with pytest.raises(ValueError, match="dropout"):
         KronLSTM(4, 8, dropout=1.5, compression=2)
+
+
+def test_dropout_between_layers_only_in_training() -> None:
+    kron = KronGRU(4, 8, num_layers=2, dropout=0.5, compression=2, dtype=DT)
+    dense = kron.to_dense()
+    x = torch.randn(6, 3, 4, dtype=DT)
+    kron.eval()
+    dense.eval()
+    torch.testing.assert_close(kron(x)[0], dense(x)[0], rtol=1e-10, atol=1e-12)
+    kron.train()
+    torch.manual_seed(1)
+    a = kron(x)[0]
+    torch.manual_seed(2)
+    b = kron(x)[0]
+    assert not torch.allclose(a, b)
+    single = KronGRU(4, 8, num_layers=1, dropout=0.5, compression=2, dtype=DT).train()
+    torch.testing.assert_close(single(x)[0], single(x)[0])  # no dropout after the last layer
