@@ -200,7 +200,7 @@ def report(meta: dict[str, Any], timing: list[dict[str, Any]], cosines: list[dic
         f"{meta['timed_steps']} timed steps after {meta['warmup_steps']} warm-up steps, damping {meta['damping']}.",
         f"MLP {meta['d_in']}-W-W-10 (ReLU), cross-entropy on a random-teacher task. Curvature state = the bytes of "
         "the per-layer curvature tensors in `state_dict()` (K-FAC: factors + eigendecompositions; CG-FAC: batch "
-        "rows + warm-start solution); momentum buffers are the same for both and not counted. The ratio column "
+        "rows, no warm start, the default); momentum buffers are the same for both and not counted. The ratio column "
         "compares with K-FAC's amortized cost at one inverse refresh every 10 steps.",
         "",
         "## Time per step and memory",

@@ -167,7 +167,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 @pytest.mark.parametrize("side", ["in", "out"])
 def test_state_memory_is_linear_in_each_dimension(side: str) -> None:
-    """Curvature state (rows + warm start) grows linearly in d_i and in d_o; K-FAC's grows quadratically."""
+    """Curvature state (the batch rows) grows linearly in d_i and in d_o; K-FAC's grows quadratically."""
 
     def measure(cls, dim: int, **kwargs) -> int:
         d_in, d_out = (dim, 16) if side == "in" else (16, dim)
@@ -190,8 +190,9 @@ def test_state_memory_is_linear_in_each_dimension(side: str) -> None:
 def test_warm_start_reuses_the_previous_solution(float64) -> None:
     model = nn.Sequential(nn.Linear(30, 40))
     opt = kronfac.CGFAC(
-        model, lr=0.0, damping=1e-2, max_iters=400, tol=1e-10, momentum=0.0, kl_clip=None, factor_dtype=torch.float64
-    )
+        model, lr=0.0, damping=1e-2, max_iters=400, tol=1e-10, momentum=0.0, kl_clip=None, factor_dtype=torch.float64,
+        warm_start=True,
+    )  # fmt: skip
     x = torch.randn(6, 30)
     model(x).square().mean().backward()
     opt.step()

@@ -7,8 +7,8 @@ Chen, "An iterative K-FAC algorithm for Deep Learning", arXiv:2101.00218, 2021. 
 Averaging choice: with ``history = H`` the factors are the EMA of K-FAC truncated to the last ``H`` batches,
 ``Ā = Σ_b w_b A_b`` and ``Ḡ = Σ_b w_b G_b`` with ``w_b ∝ ρ^b`` (``b = 0`` newest, weights normalised to 1),
 evaluated by stacking the rows of every stored batch scaled by ``sqrt(w_b / n_b)``. ``H = 1`` (the default) is
-Chen's form: the curvature of the last batch only. Memory is ``O(H N (d_i + d_o))`` plus the warm-start
-solution (``d_o x d_i``, the size of the gradient).
+Chen's form: the curvature of the last batch only. Memory is ``O(H N (d_i + d_o))``, plus the warm-start
+solution (``d_o x d_i``, the size of the gradient) when ``warm_start`` is on.
 
 Row normalisation follows :class:`~kronfac.curvature.factors.KroneckerFactors` exactly, so with ``history = 1``
 and the same batch the solve equals K-FAC's with factor decay 0 and exact (eigen) damping.
@@ -56,7 +56,7 @@ class CGBlock(CurvatureBlock):
         max_iters: int,
         tol: float,
         history: int = 1,
-        warm_start: bool = True,
+        warm_start: bool = False,
         diagonal_a: bool = False,
         approx: Approximation = Approximation.EXPAND,
         dtype: torch.dtype = torch.float32,
