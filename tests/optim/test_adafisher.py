@@ -157,6 +157,8 @@ def test_kfac_still_treats_norm_layers_as_first_order() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     assert set(kronfac.KFAC(model).layers) == {"0", "3"}
     assert set(kronfac.AdaFisher(model).layers) == {"0", "1", "2", "3"}
+    with pytest.warns(UserWarning, match=r"\['1', '2'\]"):
+        assert set(kronfac.AdaFisher(model, norm_layers=False).layers) == {"0", "3"}
 
 
 class Scale(nn.Module):
@@ -168,18 +170,21 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def test_unsupported_module_gets_momentum_sgd_update() -> None:
-    model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2))
+@pytest.mark.parametrize("kind", ["custom-module", "layernorm-with-norm_layers-off"])
+def test_unsupported_module_gets_momentum_sgd_update(kind: str) -> None:
+    middle = Scale(4) if kind == "custom-module" else nn.LayerNorm(4)
+    model = nn.Sequential(nn.Linear(3, 4), middle, nn.Linear(4, 2))
+    param = middle.scale if isinstance(middle, Scale) else middle.weight
     lr, beta = 0.1, 0.8
     with pytest.warns(UserWarning, match=r"\['1'\]"):
-        opt = kronfac.AdaFisher(model, lr=lr, beta=beta, update_every=1)
-    assert all(p is not model[1].scale for layer in opt.layers.values() for p in layer.params)
+        opt = kronfac.AdaFisher(model, lr=lr, beta=beta, update_every=1, norm_layers=kind == "custom-module")
+    assert all(p is not param for layer in opt.layers.values() for p in layer.params)
     data = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
-    grads, values = [], [model[1].scale.detach().clone()]
+    grads, values = [], [param.detach().clone()]
     for x, y in data:
         one_step(opt, model, x, y)
-        grads.append(model[1].scale.grad.clone())
-        values.append(model[1].scale.detach().clone())
+        grads.append(param.grad.clone())
+        values.append(param.detach().clone())
     m = torch.zeros(4)
     for t, (grad, prev, new) in enumerate(zip(grads, values, values[1:]), start=1):
         m = beta * m + (1 - beta) * grad

@@ -99,6 +99,9 @@ class AdaFisher(KronOptimizer):
         update_every: ``T_cov``: capture statistics and update ``H``, ``S`` every this many steps.
         averaging: ``"ema"`` or ``"reference"``.
         weight_decay_mode: ``"coupled"`` (default here) or ``"decoupled"`` (the default of :class:`AdaFisherW`).
+        norm_layers: give LayerNorm/BatchNorm their scale/shift blocks (the paper); ``False`` gives their
+            parameters ``F = 1`` like any other parameter without a block (more stable on our char transformer,
+            see ``benchmarks/adafisher/ablation_norms.md``).
         **kwargs: curvature options of :class:`~kronfac.optim.base.KronOptimizer` (``fisher_type``, ``loss``,
             ``loss_average``, ``approx``, ``mc_samples``, ``seed``, ``grad_scaler``, ``output_fn``,
             ``on_nonfinite``, ``factor_dtype``, ``param_groups``).
@@ -126,6 +129,7 @@ class AdaFisher(KronOptimizer):
         *,
         averaging: str = "ema",
         weight_decay_mode: str | None = None,
+        norm_layers: bool = True,
         **kwargs: Any,
     ) -> None:
         check_range("lr", lr, 0.0)
@@ -140,6 +144,7 @@ class AdaFisher(KronOptimizer):
         if "factor_every" in kwargs:
             raise TypeError("AdaFisher takes update_every (T_cov), not factor_every")
         self.averaging = _enum(FactorAveraging, "averaging", averaging)
+        self.norm_layers = bool(norm_layers)
         mode = self.default_weight_decay_mode if weight_decay_mode is None else weight_decay_mode
         self.weight_decay_mode = _enum(WeightDecayMode, "weight_decay_mode", mode)
         defaults = {
@@ -169,6 +174,8 @@ class AdaFisher(KronOptimizer):
 
     def _discover_layers(self, group_of: dict[nn.Parameter, int]) -> None:
         super()._discover_layers(group_of)
+        if not self.norm_layers:
+            return
         for name, module in self.model.named_modules():
             adapter = norm_adapter_for(module)
             if adapter is None:
