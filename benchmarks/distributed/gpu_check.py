@@ -31,26 +31,26 @@ import kronfac
 from kronfac.bench.models import CharTransformer
 
 
-def _cnn() -> nn.Module:
+def _cnn(c: int, classes: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(128, 256, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(256, 1000),
+        nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(2 * c, 4 * c, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * c, classes),
     )  # fmt: skip
 
 
 def _workloads(quick: bool) -> dict[str, tuple[Any, Any, dict[str, Any]]]:
-    side, batch, width = (8, 16, 64) if quick else (32, 128, 512)
+    side, batch, width, channels, classes = (8, 16, 32, 8, 50) if quick else (32, 128, 512, 64, 1000)
 
     def images(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(batch, 3, side, side, generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
+        return torch.randn(batch, 3, side, side, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
 
     def text(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.randint(0, 256, (batch // 4, 64), generator=gen)
         return ids, torch.randint(0, 256, (batch // 4, 64), generator=gen)
 
     return {
-        "cnn": (_cnn, images, {}),
+        "cnn": (lambda: _cnn(channels, classes), images, {}),
         "transformer": (lambda: CharTransformer(vocab=256, width=width, depth=2, heads=8), text,
                         {"loss_average": "batch+sequence"}),
     }  # fmt: skip

@@ -42,7 +42,7 @@ def test_two_ranks_match_single_process() -> None:
 
 
 def test_four_ranks_match_single_process() -> None:
-    runs = [("naive", "eigh", F64, 1), ("spd", "eigh", F64, 1), ("spd", "cholesky", F64, 1)]
+    runs = [("naive", "eigh", F64, 1), ("spd", "eigh", F64, 1), ("spd", "cholesky", F64, 1), ("spd", "every2", F64, 1)]
     _check_equal(workers.launch(workers.equality_worker, 4, runs), runs, 4)
 
 
