@@ -103,6 +103,7 @@ def make_optimizer(model: nn.Module, variant: str, dtype: torch.dtype, distribut
         inverse=inverse,
         factor_dtype=dtype,
         fisher_type="type2" if variant == "type2" else "empirical",
+        correction=kronfac.KLDWRM("q", rho=0.5) if variant == "kldwrm" else None,
         distributed=distributed,
     )
 

@@ -35,6 +35,7 @@ def test_two_ranks_match_single_process() -> None:
         ("spd", "cholesky", F64, 1),
         ("spd", "eigh", F64, 2),  # two micro-batches: statistics grow after their bucket was sent
         ("spd", "type2", F64, 1),
+        ("spd", "kldwrm", F64, 1),  # a correction that reads the batch statistics sees the global ones
         ("spd", "eigh", F32, 1),
         ("naive", "eigh", F32, 1),
     ]

@@ -99,6 +99,7 @@ class DistributedKFAC:
         self._written: dict[str, tuple[int, int]] = {}
         # "hooks": factor time inside forward/backward (capture hooks, packing); "factor": inside step().
         self._acc = dict.fromkeys(("hooks", "factor", "comm_wait", "inversion", "curvature"), 0.0)
+        self._synced = False  # statistics of the current step already reduced
         self._step_begin: float | None = None
         self._last_end: float | None = None
         self.timings: dict[str, float] = {}
@@ -229,7 +230,10 @@ class DistributedKFAC:
 
     # -- hooks called by the optimizer ------------------------------------------------------------------
     def synchronize_statistics(self) -> None:
-        """Make every rank's pending statistics the global ones (called on curvature steps before commit)."""
+        """Make every rank's pending statistics the global ones (on curvature steps, once per step)."""
+        if self._synced:
+            return
+        self._synced = True
         start = perf_counter()
         if self.spd:
             self._sync_spd()
@@ -317,6 +321,7 @@ class DistributedKFAC:
     def end_step(self) -> None:
         """Close the step's time breakdown (see :attr:`timings`)."""
         now = perf_counter()
+        self._synced = False
         if self._step_begin is None:
             return
         acc = self._acc

@@ -147,6 +147,8 @@ class KFAC(KronOptimizer):
         if not self.grads_finite():
             self.finish_step(skipped=True)
             return []
+        if self._distributed is not None and self.curvature_due():
+            self._distributed.synchronize_statistics()  # the correction reads the global batch statistics
         if self.correction is not None:
             self.correction.before_commit(self)
         self.commit_curvature()
