@@ -47,6 +47,7 @@ def launch(worker: Callable[..., None], world: int, *args: Any) -> list[Any]:
 
 def _entry(rank: int, worker: Callable[..., Any], world: int, port: int, out_dir: str, args: tuple) -> None:
     torch.set_num_threads(1)
+    os.environ["KRONFAC_TEST_OUT"] = out_dir
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
@@ -202,8 +203,9 @@ def unused_worker(rank: int, world: int, strategy: str) -> dict:
     return result
 
 
-def timeout_worker(rank: int, world: int, timeout: float) -> dict:
-    """Rank 1 hangs at the second step; rank 0 must fail with a clear error within the timeout."""
+def timeout_worker(rank: int, world: int, timeout: float, mode: str) -> dict:
+    """Rank 1 hangs (``mode="hang"``) or dies (``"die"``) at the second step; rank 0 must fail with a clear
+    error within the timeout."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     config = kronfac.DistributedConfig(strategy="spd", timeout=timeout)
@@ -212,6 +214,9 @@ def timeout_worker(rank: int, world: int, timeout: float) -> dict:
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     if rank == 1:
+        if mode == "die":
+            torch.save({"died": True}, Path(os.environ["KRONFAC_TEST_OUT"]) / "rank1.pt")
+            os._exit(0)
         time.sleep(timeout + 2.5)
         return {"hung": True}
     start = time.perf_counter()
