@@ -66,4 +66,4 @@ def test_hung_or_dead_rank_raises_within_timeout(mode: str) -> None:
     assert results[1] == ({"hung": True} if mode == "hang" else {"died": True})
     error = results[0]["error"]
     assert error is not None and "rank 0 failed waiting for" in error and "another rank" in error
-    assert results[0]["elapsed"] < timeout + 3.0
+    assert results[0]["elapsed"] < timeout + 5.0  # not the 60 s default of the process group
