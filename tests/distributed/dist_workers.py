@@ -109,7 +109,9 @@ def make_optimizer(model: nn.Module, variant: str, dtype: torch.dtype, distribut
     )
 
 
-def train(model: nn.Module, opt: kronfac.KFAC, data: list, rows: slice, ddp: Any = None) -> None:
+def train(model: nn.Module, opt: kronfac.KFAC, data: list, rows: slice, ddp: Any = None) -> list[tuple[int, int]]:
+    """Train; returns, per step, (buckets already sent when backward returned, buckets) for spd."""
+    sent: list[tuple[int, int]] = []
     for micro_batches in data:
         for i, (x, tokens, y) in enumerate(micro_batches):
             run = ddp if ddp is not None else model
@@ -118,8 +120,12 @@ def train(model: nn.Module, opt: kronfac.KFAC, data: list, rows: slice, ddp: Any
             with ctx:
                 loss = nn.functional.cross_entropy(run(x[rows], tokens[rows]), y[rows])
                 loss.backward()
+        engine = opt._distributed
+        if engine is not None and engine.spd and engine._round is not None:
+            sent.append((engine._round.next_bucket, len(engine.plan.buckets)))
         opt.step()
         opt.zero_grad()
+    return sent
 
 
 class _nullcontext:
@@ -150,8 +156,9 @@ def equality_worker(rank: int, world: int, runs: list[tuple[str, str, torch.dtyp
         config = kronfac.DistributedConfig(strategy=strategy, bucket_bytes=1024, small_factor_threshold=4)
         opt = make_optimizer(model, variant, dtype, distributed=config)
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        train(model, opt, make_data(world, dtype, micro=micro), rows, ddp)
+        sent = train(model, opt, make_data(world, dtype, micro=micro), rows, ddp)
         out[f"{strategy}-{variant}-{dtype}-{micro}"] = {
+            "sent_before_step": sent,
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "timings": opt.timings,
             "buckets": len(opt._distributed.plan.buckets) if strategy == "spd" else 0,

@@ -25,6 +25,12 @@ def _check_equal(results: list[dict], runs: list[tuple[str, str, torch.dtype, in
             assert all(v >= 0 for v in timings.values())
         if strategy == "spd":
             assert results[0][key]["buckets"] > 3  # the 1 KiB bound splits the statistics into many messages
+        if strategy == "spd" and variant in ("eigh", "cholesky"):
+            # Pipelining: once the bucket order is learnt (first step), the capture hooks have sent every
+            # bucket by the time backward() returns, before step() is called.
+            assert len(results[0][key]["sent_before_step"]) == workers.STEPS
+            for sent, total in results[0][key]["sent_before_step"][1:]:
+                assert sent == total
 
 
 def test_two_ranks_match_single_process() -> None:
