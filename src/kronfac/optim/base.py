@@ -215,8 +215,11 @@ class KronOptimizer(Optimizer):
         if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
             return True
         bad = next(
-            p for g in self.param_groups for p in g["params"] if p.grad is not None and not p.grad.isfinite().all()
+            (p for g in self.param_groups for p in g["params"] if p.grad is not None and not p.grad.isfinite().all()),
+            None,
         )
+        if bad is None:
+            return True  # every entry is finite; only the norm overflowed (huge but finite gradients)
         owner = next((n for n, layer in self.layers.items() if any(q is bad for q in layer.params)), None)
         where = f"layer {owner!r}" if owner is not None else f"parameter {self._name(bad)!r}"
         return self._nonfinite(f"non-finite gradient in {where}")

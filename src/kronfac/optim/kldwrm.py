@@ -352,6 +352,9 @@ class KLDWRM(GradientCorrection):
                     value += 0.5 * damping / lr * float((theta[name] - anchors[name]).square().sum())
                     wake = kl_grads[name] + damping * (theta[name] - anchors[name])
                     gradients[name] = g_k + model_terms[name] + wake / lr
+                if not best and not math.isfinite(value):
+                    best = {n: t.detach().clone() for n, t in theta.items()}
+                    break  # the objective overflowed at the Q step: keep the Q step, no refinement
                 if value <= best_value:
                     best_value = value
                     best = {n: t.detach().clone() for n, t in theta.items()}
