@@ -349,6 +349,12 @@ def findings(summary: list[dict[str, Any]]) -> list[str]:
         wins = sum(acc[(d, c, "kron", t)] > acc[(d, c, other, t)] for d, c, t in settings)
         n = len(settings)
         out.append(f"- kron (from scratch) vs {other}: higher mean test accuracy in {wins} of {n} settings.")
+    trained = [x for x in summary if x["lr"]]
+    top = sum(x["lr"] == max(LRS) for x in trained)
+    out.append(
+        f"- learning rate: {top} of {len(trained)} methods picked the largest swept value {max(LRS):g}; "
+        "a wider sweep or more epochs may still move every row (this is a small study)."
+    )
     drops = [100 * (acc[(d, c, "dense", None)] - acc[(d, c, "kron", t)]) for d, c, t in settings]
     out.append(
         "- accuracy lost by kron vs dense, percentage points: "
@@ -406,14 +412,50 @@ def markdown(
     return "\n".join(lines)
 
 
+def remeasure_latency(payload: dict[str, Any]) -> None:
+    """Measure every latency again (they do not depend on the trained values) and update ``payload`` in place.
+
+    For runs whose training shared the cores with other jobs: latency is then taken on fresh models of the same
+    structure, one after the other, with nothing else of this script running.
+    """
+    torch.set_num_threads(1)
+    cfg = Config(**{k: tuple(v) if k == "seeds" else v for k, v in payload["config"].items()})
+    loaders = {"digits": digits_sequences, "mnist1d": mnist1d_sequences}
+    cache: dict[str, Split] = {}
+    for entry in payload["summary"]:
+        dataset, mode, method, target = entry["dataset"], entry["cell"], entry["method"], entry["target"]
+        data = cache.setdefault(dataset, loaders[dataset]())
+        d_in, classes = data.x_train.shape[-1], data.num_classes
+        if method.startswith("dense (fused"):
+            fused_cls = nn.LSTM if mode == "LSTM" else nn.GRU
+            model = SeqClassifier(fused_cls(d_in, cfg.hidden, batch_first=True), cfg.hidden, classes)
+        elif method in ("kron-nkp", "prune"):
+            model = from_dense(method, build("dense", mode, d_in, cfg, classes, None), mode, d_in, cfg, target)
+        else:
+            model = build(method, mode, d_in, cfg, classes, target)
+        ms = latency(model, data.x_test[: cfg.latency_batch])
+        entry["latency_ms"] = ms
+        for run in payload["runs"]:
+            if (run["dataset"], run["cell"], run["method"], run["target"]) == (dataset, mode, method, target):
+                if "latency_ms" in run:
+                    run["latency_ms"] = ms
+    payload["latency_sweep"] = latency_sweep((128, 256, 512, 1024))
+    payload["environment"]["loadavg_at_end"] = list(os.getloadavg())
+    payload["latency_remeasured"] = True
+
+
 def _where(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     return (
         f"{env['cpu_count']}-core {env['machine']} host, torch {env['torch']}, {env['jobs']} task(s) in parallel, "
         "1 thread each"
         + (
-            f"; 1/5/15-min load average at the end {', '.join(f'{x:.1f}' for x in env['loadavg_at_end'])}: "
-            "other jobs shared the cores, so latencies carry that noise"
+            f"; 1/5/15-min load average at the end {', '.join(f'{x:.1f}' for x in env['loadavg_at_end'])}"
+            + (
+                "; latencies re-measured after training with `--remeasure-latency`, nothing else of this script running"
+                if payload.get("latency_remeasured")
+                else ": other jobs shared the cores, so latencies carry that noise"
+            )
             if "loadavg_at_end" in env
             else ""
         )
@@ -438,7 +480,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="(data set, cell) tasks in parallel, 1 thread each")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for the JSON and markdown")
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from the saved JSON")
+    parser.add_argument(
+        "--remeasure-latency", action="store_true", help="measure latencies of the saved run again, alone"
+    )
     args = parser.parse_args()
+    if args.remeasure_latency:
+        saved = json.loads((args.out / "compression.json").read_text())
+        remeasure_latency(saved)
+        (args.out / "compression.json").write_text(json.dumps(saved, indent=2) + "\n")
+        args.render = True
     if args.render:
         saved = json.loads((args.out / "compression.json").read_text())
         cfg_saved = Config(**{k: tuple(v) if k == "seeds" else v for k, v in saved["config"].items()})
