@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def _config(record: dict) -> str:
+    """The chosen learning rate plus any other swept hyperparameters."""
+    extra = "".join(f", {k}={v:g}" for k, v in record.get("hyperparameters", {}).items())
+    return f"{record['lr']:g}{extra}"
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -35,7 +41,7 @@ def bench_section(results: dict) -> list[str]:
             s = record["summary"]
             ratio = s["median_ms"] / base if base and s["median_ms"] else None
             lines.append(
-                f"| {task_name} (target {task['target']}) | {name} | {record['lr']:g} "
+                f"| {task_name} (target {task['target']}) | {name} | {_config(record)} "
                 f"| {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | {_fmt(s['seconds_to_target'], '.2f')} "
                 f"| {_fmt(s['median_ms'], '.2f')} | {_fmt(ratio, '.2f')}x |"
             )

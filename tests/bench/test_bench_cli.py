@@ -21,7 +21,7 @@ def test_bench_quick_runs_end_to_end_and_writes_its_files(tmp_path: Path, capsys
         assert set(task["methods"]) == {"sgd", "adamw", "kfac"}
         for record in task["methods"].values():
             assert record["lr"] in record["lr_grid"]
-            assert len(record["sweep"]) == len(record["lr_grid"])
+            assert len(record["sweep"]) == len(record["lr_grid"]) * len(record["grid"])
             summary = record["summary"]
             assert 0.0 <= summary["accuracy_mean"] <= 1.0
             assert summary["median_ms"] > 0 and summary["state_bytes"] > 0

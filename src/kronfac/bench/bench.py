@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         sweep_steps = steps if args.quick else max(1, steps // 2)
         plan.append((task, steps, sweep_steps))
     total = sum(
-        (len(METHODS[m].lr_grid) * sweep_steps + len(seeds) * steps) for _, steps, sweep_steps in plan for m in methods
+        (len(METHODS[m].configurations()) * sweep_steps + len(seeds) * steps)
+        for _, steps, sweep_steps in plan
+        for m in methods
     )
     with tqdm(total=total, unit="step", desc="kronfac bench", dynamic_ncols=True) as bar:
         for task, steps, sweep_steps in plan:

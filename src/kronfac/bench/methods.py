@@ -59,10 +59,16 @@ class Method:
     """A named method: ``make(model, lr, task) -> Trainer`` and its learning-rate grid."""
 
     name: str
-    make: Callable[[nn.Module, float, Task], Trainer]
+    make: Callable[..., Trainer]
     lr_grid: Sequence[float]
     description: str = ""
     available: Callable[[], bool] = lambda: True
+    #: Further hyperparameters swept together with the learning rate (passed to ``make`` as keywords).
+    grid: Sequence[dict[str, Any]] = ({},)
+
+    def configurations(self) -> list[dict[str, Any]]:
+        """Every point of the sweep: ``{"lr": ..., **extra}``."""
+        return [{"lr": lr, **extra} for extra in self.grid for lr in self.lr_grid]
 
 
 METHODS: dict[str, Method] = {}
@@ -91,21 +97,27 @@ KFAC_BENCH_OPTIONS: dict[str, Any] = {
 }
 
 
-def _kfac(model: nn.Module, lr: float, task: Task) -> Trainer:
+def _kfac(model: nn.Module, lr: float, task: Task, **extra: Any) -> Trainer:
     import warnings
 
     from kronfac.optim.kfac import KFAC
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="kronfac.*first-order update")
-        opt = KFAC(model, lr=lr, **KFAC_BENCH_OPTIONS, **task.curvature_options)
+        opt = KFAC(model, lr=lr, **{**KFAC_BENCH_OPTIONS, **extra}, **task.curvature_options)
     return OptimizerTrainer(model, opt, task)
 
 
 register_method(Method("sgd", _sgd, (0.03, 0.1, 0.3), "SGD, momentum 0.9"))
 register_method(Method("adamw", _adamw, (3e-4, 1e-3, 3e-3), "AdamW (torch), weight decay 0.01"))
 register_method(
-    Method("kfac", _kfac, (0.03, 0.1, 0.3), "kronfac.KFAC, factors and inverses every 10 steps, KL clip 1e-3")
+    Method(
+        "kfac",
+        _kfac,
+        (0.03, 0.1, 0.3),
+        "kronfac.KFAC, factors and inverses every 10 steps, KL clip 1e-3, damping swept over 1e-3 and 1e-2",
+        grid=({"damping": 1e-3}, {"damping": 1e-2}),
+    )
 )
 
 

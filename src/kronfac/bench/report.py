@@ -10,6 +10,12 @@ from typing import Any
 __all__ = ["markdown", "plot", "write_reports"]
 
 
+def _config(record: dict) -> str:
+    """The chosen learning rate plus any other swept hyperparameters."""
+    extra = "".join(f", {k}={v:g}" for k, v in record.get("hyperparameters", {}).items())
+    return f"{record['lr']:g}{extra}"
+
+
 def _fmt(value: Any, spec: str = ".3f", none: str = "—") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return none
@@ -41,15 +47,15 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"{task['steps']} steps, batch {task['batch_size']}, target test accuracy {task['target']}.",
             "",
-            "| method | lr | test acc | test loss | steps to target | s to target | median ms/step | vs AdamW "
-            "| state |",
+            "| method | lr (and swept settings) | test acc | test loss | steps to target | s to target "
+            "| median ms/step | vs AdamW | state |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, record in methods.items():
             s = record["summary"]
             ratio = s["median_ms"] / base if base and s["median_ms"] else None
             lines.append(
-                f"| {name} | {record['lr']:g} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} "
+                f"| {name} | {_config(record)} | {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} "
                 f"| {_fmt(s['loss_mean'])} | {_fmt(s['steps_to_target'], '.0f')} ({s['reached_target']}) "
                 f"| {_fmt(s['seconds_to_target'], '.2f')} | {_fmt(s['median_ms'], '.2f')} | {_fmt(ratio, '.2f')}x "
                 f"| {_bytes(s['state_bytes'])} |"

@@ -98,12 +98,14 @@ def run_one(
     *,
     split_name: str = "test",
     on_step: Callable[[], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train ``task``'s model with ``method`` for ``steps`` steps and record its learning curve."""
+    """Train ``task``'s model with ``method`` for ``steps`` steps and record its learning curve; ``extra`` holds
+    further hyperparameters of the method (a point of its ``grid``)."""
     split = task.load()
     torch.manual_seed(seed)
     model = task.build(split)
-    trainer = method.make(model, lr, task)
+    trainer = method.make(model, lr, task, **(extra or {}))
     result = RunResult(task.name, method.name, lr, seed, steps, split_name)
     x_eval, y_eval = _eval_split(split, split_name)
     generator = torch.Generator().manual_seed(seed)
@@ -147,17 +149,19 @@ def run_one(
 
 def sweep(
     task: Task, method: Method, steps: int, *, seed: int = 0, on_step: Callable[[], None] | None = None
-) -> tuple[float, list[dict[str, Any]]]:
-    """Try every learning rate of the method's grid on the validation split; best = lowest final val loss."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Try every configuration of the method's sweep on the validation split. The best one has the highest final
+    validation accuracy (the metric the report compares), ties broken by the lower validation loss."""
     records = []
-    for lr in method.lr_grid:
-        result = run_one(task, method, lr, seed, steps, split_name="val", on_step=on_step)
+    for config in method.configurations():
+        extra = {k: v for k, v in config.items() if k != "lr"}
+        result = run_one(task, method, config["lr"], seed, steps, split_name="val", on_step=on_step, extra=extra)
         final = result.final
         records.append(
-            {"lr": lr, "val_loss": final["loss"], "val_accuracy": final["accuracy"], "diverged": result.diverged}
+            {**config, "val_loss": final["loss"], "val_accuracy": final["accuracy"], "diverged": result.diverged}
         )
-    best = min(records, key=lambda r: (r["diverged"], r["val_loss"]))
-    return float(best["lr"]), records
+    best = min(records, key=lambda r: (r["diverged"], -r["val_accuracy"], r["val_loss"]))
+    return {k: v for k, v in best.items() if k not in ("val_loss", "val_accuracy", "diverged")}, records
 
 
 def run_method(
@@ -169,15 +173,18 @@ def run_method(
     seeds: Iterable[int],
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Sweep, then run every seed at the chosen learning rate; returns the JSON-ready record with a summary."""
-    lr, sweep_records = sweep(task, method, sweep_steps, on_step=on_step)
-    runs = [run_one(task, method, lr, seed, steps, on_step=on_step) for seed in seeds]
+    """Sweep, then run every seed at the chosen configuration; returns the JSON-ready record with a summary."""
+    config, sweep_records = sweep(task, method, sweep_steps, on_step=on_step)
+    extra = {k: v for k, v in config.items() if k != "lr"}
+    runs = [run_one(task, method, config["lr"], seed, steps, on_step=on_step, extra=extra) for seed in seeds]
     return {
         "method": method.name,
         "description": method.description,
         "lr_grid": list(method.lr_grid),
+        "grid": list(method.grid),
         "sweep": sweep_records,
-        "lr": lr,
+        "lr": config["lr"],
+        "hyperparameters": extra,
         "runs": [r.to_dict() for r in runs],
         "summary": summarize(runs, task.target),
     }
