@@ -7,6 +7,7 @@ Later kronfac methods add themselves with :func:`register_method`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,16 +97,71 @@ KFAC_BENCH_OPTIONS: dict[str, Any] = {
     "kl_clip": 1e-3,
 }
 
+#: AdaFisher's benchmark settings: statistics every 10 steps (as K-FAC's above; the default T_cov = 100 would give
+#: the short bench runs only a few updates), every other value its default (λ 1e-3, β 0.9, EMA decay 0.8).
+ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10}
 
-def _kfac(model: nn.Module, lr: float, task: Task, **extra: Any) -> Trainer:
-    import warnings
+#: SINGD's benchmark settings: T = 10 as K-FAC's above, β1 = 1e-2, λ = 1e-3 (the paper's defaults), momentum 0.9.
+SINGD_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10, "lr_cov": 1e-2, "damping": 1e-3, "momentum": 0.9}
 
-    from kronfac.optim.kfac import KFAC
 
+def kronfac_trainer(model: nn.Module, task: Task, optimizer: Callable[..., Any], **options: Any) -> Trainer:
+    """A kronfac optimizer with the task's curvature options; the one-time first-order warning is silenced
+    (every task has LayerNorms or such, and the report lists no warnings)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="kronfac.*first-order update")
-        opt = KFAC(model, lr=lr, **{**KFAC_BENCH_OPTIONS, **extra}, **task.curvature_options)
+        opt = optimizer(model, **options, **task.curvature_options)
     return OptimizerTrainer(model, opt, task)
+
+
+def _kfac(model: nn.Module, lr: float, task: Task, **extra: Any) -> Trainer:
+    from kronfac.optim.kfac import KFAC
+
+    return kronfac_trainer(model, task, KFAC, lr=lr, **{**KFAC_BENCH_OPTIONS, **extra})
+
+
+def _adafisher(weight_decay: float, decoupled: bool) -> Callable[..., Trainer]:
+    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
+        from kronfac.optim.adafisher import AdaFisher, AdaFisherW
+
+        cls = AdaFisherW if decoupled else AdaFisher
+        return kronfac_trainer(model, task, cls, lr=lr, weight_decay=weight_decay, **ADAFISHER_BENCH_OPTIONS)
+
+    return make
+
+
+def _kfac_kldwrm(variant: str, decay: float) -> Callable[..., Trainer]:
+    """K-FAC's benchmark platform plus a KLD-WRM correction (Puiu 2022); the wake decay ρ is tied to the factor
+    decay as in the paper (0.33 for SO, 0.5 for Q/QE); QE takes 3 inner steps against 3 stored networks."""
+
+    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
+        from kronfac.optim.kfac import KFAC
+        from kronfac.optim.kldwrm import KLDWRM
+
+        rule = KLDWRM(variant, inner_steps=3, networks=3)
+        options = {**KFAC_BENCH_OPTIONS, "factor_decay": decay}
+        return kronfac_trainer(model, task, KFAC, lr=lr, correction=rule, **options)
+
+    return make
+
+
+def _cgfac(model: nn.Module, lr: float, task: Task) -> Trainer:
+    from kronfac.optim.cgfac import CGFAC
+
+    # rows of the current batch every step (Chen 2021): stale rows leave the gradient outside their span
+    options = {key: KFAC_BENCH_OPTIONS[key] for key in ("momentum", "damping", "kl_clip")}
+    return kronfac_trainer(model, task, CGFAC, lr=lr, max_iters=10, factor_every=1, **options)
+
+
+def _singd(structures: tuple[Any, Any], kfac_like: bool = False) -> Callable[..., Trainer]:
+    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
+        from kronfac.optim.singd import SINGD
+
+        return kronfac_trainer(
+            model, task, SINGD, lr=lr, structures=structures, kfac_like=kfac_like, **SINGD_BENCH_OPTIONS
+        )
+
+    return make
 
 
 register_method(Method("sgd", _sgd, (0.03, 0.1, 0.3), "SGD, momentum 0.9"))
@@ -119,28 +175,6 @@ register_method(
         grid=({"damping": 1e-3}, {"damping": 1e-2}),
     )
 )
-
-
-#: AdaFisher's benchmark settings: statistics every 10 steps (as K-FAC's above; the default T_cov = 100 would give
-#: the short bench runs only a few updates), every other value its default (λ 1e-3, β 0.9, EMA decay 0.8).
-ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10}
-
-
-def _adafisher(weight_decay: float, decoupled: bool) -> Callable[[nn.Module, float, Task], Trainer]:
-    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
-        import warnings
-
-        from kronfac.optim.adafisher import AdaFisher, AdaFisherW
-
-        cls = AdaFisherW if decoupled else AdaFisher
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="kronfac.*first-order update")
-            opt = cls(model, lr=lr, weight_decay=weight_decay, **ADAFISHER_BENCH_OPTIONS, **task.curvature_options)
-        return OptimizerTrainer(model, opt, task)
-
-    return make
-
-
 register_method(
     Method("adafisher", _adafisher(0.0, False), (3e-3, 1e-2, 3e-2), "kronfac.AdaFisher, statistics every 10 steps")
 )
@@ -152,41 +186,6 @@ register_method(
         "kronfac.AdaFisherW, decoupled weight decay 0.01 (as AdamW), statistics every 10 steps",
     )
 )
-
-
-def _kfac_kldwrm(variant: str, decay: float) -> Callable[[nn.Module, float, Task], Trainer]:
-    """K-FAC's benchmark platform plus a KLD-WRM correction (Puiu 2022); the wake decay ρ is tied to the factor
-    decay as in the paper (0.33 for SO, 0.5 for Q/QE); QE takes 3 inner steps against 3 stored networks."""
-
-    def make(model: nn.Module, lr: float, task: Task) -> Trainer:
-        import warnings
-
-        from kronfac.optim.kfac import KFAC
-        from kronfac.optim.kldwrm import KLDWRM
-
-        options = {**KFAC_BENCH_OPTIONS, "factor_decay": decay}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="kronfac.*first-order update")
-            rule = KLDWRM(variant, inner_steps=3, networks=3)
-            opt = KFAC(model, lr=lr, correction=rule, **options, **task.curvature_options)
-        return OptimizerTrainer(model, opt, task)
-
-    return make
-
-
-def _cgfac(model: nn.Module, lr: float, task: Task) -> Trainer:
-    import warnings
-
-    from kronfac.optim.cgfac import CGFAC
-
-    # rows of the current batch every step (Chen 2021): stale rows leave the gradient outside their span
-    options = {key: KFAC_BENCH_OPTIONS[key] for key in ("momentum", "damping", "kl_clip")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="kronfac.*first-order update")
-        opt = CGFAC(model, lr=lr, max_iters=10, factor_every=1, **options, **task.curvature_options)
-    return OptimizerTrainer(model, opt, task)
-
-
 for _variant, _decay in (("so", 0.33), ("q", 0.5), ("qe", 0.5)):
     register_method(
         Method(
@@ -198,4 +197,15 @@ for _variant, _decay in (("so", 0.33), ("q", 0.5), ("qe", 0.5)):
     )
 register_method(
     Method("cgfac", _cgfac, (0.03, 0.1, 0.3), "kronfac.CGFAC, 10 CG iterations on the current batch's rows")
+)
+_SINGD_STRUCTURES: dict[str, tuple[Any, Any]] = {
+    "singd": ("dense", "dense"),
+    "singd-diagonal": ("diagonal", "diagonal"),
+    "singd-block": (("block_diagonal", {"block_size": 8}), ("block_diagonal", {"block_size": 8})),
+    "singd-tril": ("lower_triangular", "lower_triangular"),
+}
+for _name, _structures in _SINGD_STRUCTURES.items():
+    register_method(Method(_name, _singd(_structures), (0.01, 0.03, 0.1), f"kronfac.SINGD {_structures}, T=10, λ=1e-3"))
+register_method(
+    Method("ikfac", _singd(("dense", "dense"), True), (0.01, 0.03, 0.1), "kronfac.SINGD IKFAC (kfac_like), T=10")
 )

@@ -29,15 +29,15 @@ class EighInverse(KroneckerInverse):
         self._scale = 1.0 / (torch.outer(s_g, s_a) + damping)
 
     def precondition(self, grad: Tensor) -> Tensor:
-        v = grad.to(self.q_g.dtype)
+        v = grad if grad.dtype == self.q_g.dtype else grad.to(self.q_g.dtype)
         v = self.q_g.T @ v
         if self.q_a.numel():
             v = v @ self.q_a
-        v = v * self._scale
+        v.mul_(self._scale)
         v = self.q_g @ v
         if self.q_a.numel():
             v = v @ self.q_a.T
-        return v.to(grad.dtype)
+        return v if v.dtype == grad.dtype else v.to(grad.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"q_a": self.q_a, "s_a": self.s_a, "q_g": self.q_g, "s_g": self.s_g, "damping": self.damping}

@@ -24,13 +24,17 @@ def momentum_update_(
     if momentum == 0.0:
         torch._foreach_add_(params, updates, alpha=-lr)
         return
-    bufs = []
+    bufs, fresh = [], []
     for p, u in zip(params, updates):
         pstate = state[p]
         buf = pstate.get("momentum_buffer")
         if buf is None:
-            buf = pstate["momentum_buffer"] = u.detach().clone()
+            pstate["momentum_buffer"] = u.detach().clone()
+            fresh.append(pstate["momentum_buffer"])
         else:
-            buf.mul_(momentum).add_(u)
-        bufs.append(buf)
-    torch._foreach_add_(params, bufs, alpha=-lr)
+            bufs.append((buf, u))
+    if bufs:
+        old, new = [b for b, _ in bufs], [u for _, u in bufs]
+        torch._foreach_mul_(old, momentum)
+        torch._foreach_add_(old, new)
+    torch._foreach_add_(params, [state[p]["momentum_buffer"] for p in params], alpha=-lr)

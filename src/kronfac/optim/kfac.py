@@ -183,9 +183,10 @@ class KFAC(KronOptimizer):
             else:
                 directions.append((layer, grad, correction.precondition(self, group, layer, grad)))
         nu = self._kl_clip_factor(directions, group) if group["kl_clip"] is not None and directions else None
-        for layer, _, update in directions:
+        for layer, grad, update in directions:
             if nu is not None:
-                update = update * nu.to(update.dtype)
+                # In place unless the preconditioner handed the gradient back (no inverse yet).
+                update = update * nu.to(update.dtype) if update is grad else update.mul_(nu.to(update.dtype))
             if correction is not None:
                 correction.record(self, group, layer.name, update)
             params.extend(layer.params)
@@ -201,9 +202,9 @@ class KFAC(KronOptimizer):
     def _kl_clip_factor(self, directions: list[tuple[Any, Tensor, Tensor]], group: dict[str, Any]) -> Tensor:
         lr = self.group_value(group, "lr")
         kl_clip = self.group_value(group, "kl_clip")
-        vg = torch.stack([(u * g).sum() for _, g, u in directions]).sum() * lr**2
-        # ν = min(1, sqrt(κ / vg)); a non-positive vg (lr = 0 or round-off) leaves the step alone.
-        return torch.where(vg > 0, torch.sqrt(kl_clip / vg.clamp_min(1e-30)), torch.ones_like(vg)).clamp_max(1.0)
+        vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for _, g, u in directions]).sum() * lr**2
+        # ν = min(1, sqrt(κ / vg)); a non-positive vg (lr = 0 or round-off) gives ν = 1: the step is left alone.
+        return (kl_clip / vg.clamp_min(1e-30)).sqrt_().clamp_max_(1.0).masked_fill_(vg <= 0, 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
