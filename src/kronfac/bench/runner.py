@@ -32,6 +32,7 @@ class RunResult:
     step_ms: list[float] = field(default_factory=list)
     state_bytes: int = 0
     diverged: bool = False
+    error: str | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -139,8 +140,9 @@ def run_one(
                 )
                 if result.diverged:
                     break
-    except FloatingPointError:
+    except (FloatingPointError, RuntimeError) as exc:  # non-finite values, or a peer's failed factorization
         result.diverged = True
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
         result.curve.append({"step": len(result.step_ms), "seconds": seconds, "loss": math.inf, "accuracy": 0.0})
     result.state_bytes = state_bytes(trainer.state_objects())
     trainer.close()
