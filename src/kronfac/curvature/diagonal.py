@@ -31,6 +31,7 @@ from torch import Tensor
 from kronfac.curvature.block import (
     Approximation,
     CurvatureBlock,
+    SummedStatistics,
     reduce_input_rows,
     reduce_output_grad_rows,
 )
@@ -76,7 +77,7 @@ def minmax_normalize(v: Tensor, eps: float = MINMAX_EPS) -> Tensor:
     return 1.0 - (high - v) / span
 
 
-class DiagonalFactors(CurvatureBlock):
+class DiagonalFactors(SummedStatistics, CurvatureBlock):
     """Running diagonal factors ``H`` (``d_in``) and ``S`` (``d_out``) plus the current batch sums.
 
     Args:
@@ -88,6 +89,8 @@ class DiagonalFactors(CurvatureBlock):
         dtype: storage dtype of the factors.
         device: device of the factors.
     """
+
+    statistic_names = ("H", "S")
 
     def __init__(
         self,
@@ -105,51 +108,26 @@ class DiagonalFactors(CurvatureBlock):
         self.dtype, self.device = dtype, device
         self.a_diag: Tensor | None = None
         self.g_diag: Tensor | None = None
-        self._a_sum: Tensor | None = None
-        self._g_sum: Tensor | None = None
-        self._a_count = 0
-        self._g_count = 0
         self._cache: tuple[float, Tensor] | None = None
         self.damping: float | None = None
+        SummedStatistics.__init__(self)
 
     # -- batch statistics -------------------------------------------------------------------------------
     def add_inputs(self, rows: Tensor) -> None:
         if self.diagonal_a:
             flat = rows.reshape(-1)
-            squares = torch.bincount(flat, minlength=self.d_in).to(self.dtype)
-            count = flat.numel()
-        else:
-            samples = reduce_input_rows(rows.to(self.dtype), self.approx)
-            squares, count = samples.square().sum(dim=0), samples.shape[0]
-        self._a_sum = squares if self._a_sum is None else self._a_sum + squares
-        self._a_count += count
+            self._add_input_sum(torch.bincount(flat, minlength=self.d_in).to(self.dtype), flat.numel())
+            return
+        samples = reduce_input_rows(rows.to(self.dtype), self.approx)
+        self._add_input_sum(samples.square().sum(dim=0), samples.shape[0])
 
     def add_output_grads(self, rows: Tensor, scale: float, count: int) -> None:
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
-        squares = samples.square().sum(dim=0).mul_(scale)
-        self._g_sum = squares if self._g_sum is None else self._g_sum.add_(squares)
-        self._g_count += count
-
-    def has_pending(self) -> bool:
-        return self._a_sum is not None and self._g_sum is not None and self._g_count > 0
-
-    def pending_nonfinite(self) -> str | None:
-        if self._a_sum is not None and not bool(torch.isfinite(self._a_sum).all()):
-            return "H"
-        if self._g_sum is not None and not bool(torch.isfinite(self._g_sum).all()):
-            return "S"
-        return None
-
-    def discard_pending(self) -> None:
-        self._a_sum = self._g_sum = None
-        self._a_count = self._g_count = 0
+        self._add_output_grad_sum(samples.square().sum(dim=0).mul_(scale), count)
 
     def batch_diagonals(self) -> tuple[Tensor, Tensor]:
         """The pending per-batch means ``(Ĥ, Ŝ)`` before normalisation."""
-        if not self.has_pending():
-            raise RuntimeError("no curvature statistics were captured for this layer")
-        assert self._a_sum is not None and self._g_sum is not None
-        return self._a_sum / self._a_count, self._g_sum / self._g_count
+        return self.batch_means()
 
     def commit(self, *, factor_decay: float = 0.8, **_: Any) -> None:
         """Min-max normalise the batch diagonals and average them into ``H`` and ``S``."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from kronfac.curvature.block import (
     Approximation,
-    CurvatureStatistics,
+    SummedStatistics,
     reduce_input_rows,
     reduce_output_grad_rows,
 )
@@ -24,7 +24,7 @@ from kronfac.curvature.block import (
 __all__ = ["KroneckerFactors"]
 
 
-class KroneckerFactors(CurvatureStatistics):
+class KroneckerFactors(SummedStatistics):
     """Running factors of one layer plus the batch statistics of the current curvature step.
 
     Args:
@@ -49,60 +49,24 @@ class KroneckerFactors(CurvatureStatistics):
         self.diagonal_a, self.approx, self.dtype, self.device = diagonal_a, approx, dtype, device
         self.a_factor: Tensor | None = None
         self.g_factor: Tensor | None = None
-        self._a_sum: Tensor | None = None
-        self._g_sum: Tensor | None = None
-        self._a_count = 0
-        self._g_count = 0
+        super().__init__()
 
     # -- batch statistics -------------------------------------------------------------------------------
     def add_inputs(self, rows: Tensor) -> None:
         if self.diagonal_a:
             flat = rows.reshape(-1)
-            counts = torch.bincount(flat, minlength=self.d_in).to(self.dtype)
-            self._a_sum = counts if self._a_sum is None else self._a_sum + counts
-            self._a_count += flat.numel()
+            self._add_input_sum(torch.bincount(flat, minlength=self.d_in).to(self.dtype), flat.numel())
             return
         samples = reduce_input_rows(rows.to(self.dtype), self.approx)
-        if self._a_sum is None:
-            self._a_sum = samples.T @ samples
-        else:
-            self._a_sum.addmm_(samples.T, samples)
-        self._a_count += samples.shape[0]
+        self._add_input_sum(samples.T @ samples, samples.shape[0])
 
     def add_output_grads(self, rows: Tensor, scale: float, count: int) -> None:
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
-        outer = (samples.T @ samples).mul_(scale)
-        self._g_sum = outer if self._g_sum is None else self._g_sum.add_(outer)
-        self._g_count += count
-
-    def has_pending(self) -> bool:
-        return self._a_sum is not None and self._g_sum is not None and self._g_count > 0
-
-    def pending_nonfinite(self) -> str | None:
-        if self._a_sum is not None and not bool(torch.isfinite(self._a_sum).all()):
-            return "A"
-        if self._g_sum is not None and not bool(torch.isfinite(self._g_sum).all()):
-            return "G"
-        return None
-
-    def discard_pending(self) -> None:
-        self._a_sum = self._g_sum = None
-        self._a_count = self._g_count = 0
-
-    def pending_sums(self) -> tuple[Tensor | None, int, Tensor | None, int]:
-        """The unnormalised batch statistics ``(Σ a a^T, rows, Σ_scaled g g^T, samples)`` (for all-reduce)."""
-        return self._a_sum, self._a_count, self._g_sum, self._g_count
-
-    def set_pending_sums(self, a_sum: Tensor, a_count: int, g_sum: Tensor, g_count: int) -> None:
-        """Replace the batch statistics, e.g. by their sums over data-parallel ranks."""
-        self._a_sum, self._a_count, self._g_sum, self._g_count = a_sum, a_count, g_sum, g_count
+        self._add_output_grad_sum((samples.T @ samples).mul_(scale), count)
 
     def batch_factors(self) -> tuple[Tensor, Tensor]:
         """The pending batch estimates ``(A_batch, G_batch)``."""
-        if not self.has_pending():
-            raise RuntimeError("no curvature statistics were captured for this layer")
-        assert self._a_sum is not None and self._g_sum is not None
-        return self._a_sum / self._a_count, self._g_sum / self._g_count
+        return self.batch_means()
 
     def commit(self, *, factor_decay: float = 0.95, **_: Any) -> None:
         """EMA ``F <- ρ F + (1-ρ) F_batch``; the first update takes the batch estimate as it is."""

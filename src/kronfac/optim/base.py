@@ -205,6 +205,14 @@ class KronOptimizer(Optimizer):
     def group_value(self, group: dict[str, Any], key: str) -> float:
         return float(resolve(group[key], self.steps))
 
+    @staticmethod
+    def run_closure(closure: Callable[[], Any] | None) -> Any:
+        """Evaluate ``step``'s closure with gradients enabled (``step`` itself runs under ``no_grad``)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     # -- checks -----------------------------------------------------------------------------------------
     def _name(self, p: nn.Parameter) -> str:
         return self._param_names.get(p, "<unnamed parameter>")

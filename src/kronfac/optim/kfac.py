@@ -224,10 +224,7 @@ class KFAC(KronOptimizer):
         Args:
             closure: re-evaluates the model and returns the loss (it runs under ``torch.enable_grad``).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.run_closure(closure)
         per_group = self.preconditioned_updates()
         if not per_group:
             return loss

@@ -186,10 +186,7 @@ class SINGD(KronOptimizer):
         Args:
             closure: re-evaluates the model and returns the loss (it runs under ``torch.enable_grad``).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.run_closure(closure)
         if not self.grads_finite():
             self.finish_step(skipped=True)
             return loss
