@@ -89,7 +89,7 @@ register_method(
     Method(
         "asdl-kfac",
         AsdlKfacTrainer,
-        (0.03, 0.1, 0.3),
+        (0.001, 0.003, 0.01),
         f"PyPI asdfghjkl (ASDL), K-FAC empirical Fisher, damping 1e-2, intervals {INTERVAL}",
         available=lambda: _installed("asdl"),
     )
