@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_steps = steps if args.quick else max(1, steps // 2)
         plan.append((task, steps, sweep_steps))
     total = sum(
-        (len(METHODS[m].configurations()) * sweep_steps + len(seeds) * steps)
+        (len(METHODS[m].configurations()) * sweep_steps * min(len(seeds), 2) + len(seeds) * steps)
         for _, steps, sweep_steps in plan
         for m in methods
     )
