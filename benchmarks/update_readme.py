@@ -25,12 +25,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def bench_section(results: dict) -> list[str]:
+def bench_section(results: dict, folder: str, title: str) -> list[str]:
     meta = results["meta"]
     lines = [
-        f"**`kronfac bench`** ({meta['date']}, {meta['machine']}, {meta['threads']} threads, seeds {meta['seeds']}; "
+        f"**{title}** ({meta['date']}, {meta['machine']}, {meta['threads']} threads, seeds {meta['seeds']}; "
         "learning rates from the recorded sweep; time to target is training time, median over seeds; full tables "
-        "and plots in [benchmarks/bench/](benchmarks/bench/results.md)):",
+        f"in [benchmarks/{folder}/](benchmarks/{folder}/results.md)):",
         "",
         "| task | method | lr | test acc | s to target | median ms/step | vs AdamW |",
         "|---|---|---|---|---|---|---|",
@@ -70,11 +70,18 @@ def main() -> None:
     lines: list[str] = []
     bench = ROOT / "benchmarks" / "bench" / "results.json"
     if bench.exists():
-        lines += bench_section(json.loads(bench.read_text()))
+        lines += bench_section(json.loads(bench.read_text()), "bench", "`kronfac bench` (the default job)")
+    every = ROOT / "benchmarks" / "bench_all" / "results.json"
+    if every.exists():
+        title = (
+            "Every method on the small tasks (`kronfac bench --tasks mlp-digits mlp-mnist1d cnn-digits --methods ...`)"
+        )
+        lines += ["", *bench_section(json.loads(every.read_text()), "bench_all", title)]
     speed = ROOT / "benchmarks" / "kfac_speed" / "results.json"
     if speed.exists():
         lines += speed_section(json.loads(speed.read_text()))
-    studies = sorted(p for p in (ROOT / "benchmarks").glob("*/results.md") if p.parent.name not in ("bench",))
+    own = ("bench", "bench_all")
+    studies = sorted(p for p in (ROOT / "benchmarks").glob("*/results.md") if p.parent.name not in own)
     if studies:
         lines += ["", "Other studies: " + ", ".join(f"[{p.parent.name}]({p.relative_to(ROOT)})" for p in studies) + "."]
     readme = ROOT / "README.md"
