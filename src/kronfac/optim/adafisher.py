@@ -21,7 +21,7 @@ from kronfac.curvature.capture import TrackedLayer
 from kronfac.curvature.diagonal import DiagonalFactors, DiagonalKroneckerBlock, FactorAveraging, ScaleShiftBlock
 from kronfac.layers.base import UnsupportedModuleError
 from kronfac.layers.normalization import norm_adapter_for
-from kronfac.optim.base import KronOptimizer, Schedule, _enum, check_range
+from kronfac.optim.base import KronOptimizer, Schedule, _enum, check_positive_int, check_range
 
 __all__ = ["AdaFisher", "AdaFisherW", "WeightDecayMode", "adafisher_update_"]
 
@@ -139,8 +139,7 @@ class AdaFisher(KronOptimizer):
         check_range("weight_decay", weight_decay, 0.0)
         check_range("damping", damping, 0.0, low_open=True)
         check_range("factor_decay", factor_decay, 0.0, 1.0)
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer >= 1)")
+        check_positive_int("update_every", update_every)
         if "factor_every" in kwargs:
             raise TypeError("AdaFisher takes update_every (T_cov), not factor_every")
         self.averaging = _enum(FactorAveraging, "averaging", averaging)

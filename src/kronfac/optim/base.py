@@ -24,7 +24,7 @@ from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType
 from kronfac.layers import UnsupportedModuleError, adapter_for
 
-__all__ = ["CALLABLE", "KronOptimizer", "Schedule", "check_range", "resolve"]
+__all__ = ["CALLABLE", "KronOptimizer", "Schedule", "check_positive_int", "check_range", "resolve"]
 
 #: Marker stored in a state_dict in place of a callable hyperparameter (callables are kept from the live group).
 CALLABLE = "<callable>"
@@ -47,6 +47,12 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *, lo
     if below or checked > high:
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
         raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (bools are refused)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
 
 
 def _enum(enum: type[Enum], name: str, value: Any) -> Any:
@@ -98,10 +104,8 @@ class KronOptimizer(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"kronfac optimizers take the model (an nn.Module), got {type(model).__name__}")
-        if not isinstance(factor_every, int) or factor_every < 1:
-            raise ValueError(f"Invalid factor_every: {factor_every!r} (must be an integer >= 1)")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"Invalid mc_samples: {mc_samples!r} (must be an integer >= 1)")
+        check_positive_int("factor_every", factor_every)
+        check_positive_int("mc_samples", mc_samples)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (must be 'raise' or 'skip')")
         self.fisher_type = _enum(FisherType, "fisher_type", fisher_type)

@@ -14,7 +14,7 @@ from torch import nn
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.cg_block import CGBlock
-from kronfac.optim.base import Schedule, check_range
+from kronfac.optim.base import Schedule, check_positive_int, check_range
 from kronfac.optim.kfac import KFAC
 
 __all__ = ["CGFAC"]
@@ -79,11 +79,9 @@ class CGFAC(KFAC):
         warm_start: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
-            raise ValueError(f"Invalid max_iters: {max_iters!r} (must be an integer >= 1)")
+        check_positive_int("max_iters", max_iters)
         check_range("tol", tol, 0.0)
-        if not isinstance(history, int) or isinstance(history, bool) or history < 1:
-            raise ValueError(f"Invalid history: {history!r} (must be an integer >= 1)")
+        check_positive_int("history", history)
         for key in ("inverse", "inverse_every", "correction", "distributed"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"Invalid {key}: CGFAC solves by CG on the batch rows and takes no {key}")

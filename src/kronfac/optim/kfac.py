@@ -18,7 +18,7 @@ from kronfac.curvature.kfac_block import KFACBlock
 from kronfac.distributed.config import DistributedConfig
 from kronfac.linalg.base import InverseConfig
 from kronfac.linalg.eigh import EighConfig
-from kronfac.optim.base import KronOptimizer, Schedule, check_range
+from kronfac.optim.base import KronOptimizer, Schedule, check_positive_int, check_range
 from kronfac.optim.functional import momentum_update_
 from kronfac.optim.kldwrm import GradientCorrection
 
@@ -88,8 +88,7 @@ class KFAC(KronOptimizer):
         check_range("factor_decay", factor_decay, 0.0, 1.0)
         if kl_clip is not None:
             check_range("kl_clip", kl_clip, 0.0, low_open=True)
-        if not isinstance(inverse_every, int) or inverse_every < 1:
-            raise ValueError(f"Invalid inverse_every: {inverse_every!r} (must be an integer >= 1)")
+        check_positive_int("inverse_every", inverse_every)
         inverse = EighConfig() if inverse is None else inverse
         if not isinstance(inverse, InverseConfig):
             raise ValueError(f"Invalid inverse: {inverse!r} (must be an InverseConfig such as EighConfig())")

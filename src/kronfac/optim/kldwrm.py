@@ -44,6 +44,7 @@ from torch.func import functional_call
 from kronfac.curvature.capture import TrackedLayer, _first_tensor
 from kronfac.curvature.fisher import LossAverage, LossType
 from kronfac.linalg.base import KroneckerInverse, build_inverse, inverse_from_state, inverse_to_state
+from kronfac.optim.base import check_positive_int
 
 if TYPE_CHECKING:
     from kronfac.optim.kfac import KFAC
@@ -151,8 +152,7 @@ class KLDWRM(GradientCorrection):
             raise ValueError(f"Invalid inner_steps: {inner_steps!r} (must be an integer >= 0)")
         if not (isinstance(inner_lr, (int, float)) and inner_lr > 0):
             raise ValueError(f"Invalid inner_lr: {inner_lr!r} (must be > 0)")
-        if not isinstance(networks, int) or networks < 1:
-            raise ValueError(f"Invalid networks: {networks!r} (must be an integer >= 1)")
+        check_positive_int("networks", networks)
         self.rho, self.inner_steps, self.inner_lr, self.networks = rho, inner_steps, float(inner_lr), networks
         self.inner_preconditioned = inner_preconditioned
         self._bound = False

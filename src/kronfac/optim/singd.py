@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.singd_block import SINGDBlock
 from kronfac.curvature.structures import StructureSpec, parse_structure
-from kronfac.optim.base import KronOptimizer, Schedule, check_range
+from kronfac.optim.base import KronOptimizer, Schedule, check_positive_int, check_range
 from kronfac.optim.functional import momentum_update_
 from kronfac.optim.registry import register_optimizer
 
@@ -99,8 +99,7 @@ class SINGD(KronOptimizer):
         check_range("alpha1", alpha1, 0.0, 1.0)
         if alpha1 >= 1.0:
             raise ValueError(f"Invalid alpha1: {alpha1!r} (must be in [0, 1))")
-        if not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"Invalid update_every: {update_every!r} (must be an integer >= 1)")
+        check_positive_int("update_every", update_every)
         if "factor_every" in kwargs:
             raise ValueError("SINGD takes update_every (T), not factor_every")
         _check_structures(structures)
