@@ -121,7 +121,7 @@ def cosine_vs_iterations(width: int, batch: int, args, device: torch.device) -> 
     for opt in (exact, cg):
         opt.commit_curvature()
         opt.refresh_inverses()
-    grads = {n: layer.adapter.grad_matrix(layer.module).clone() for n, layer in exact.layers.items()}
+    grads = {n: layer.helper.grad_matrix(layer.module).clone() for n, layer in exact.layers.items()}
     reference = torch.cat([exact.layers[n].block.precondition(g).reshape(-1) for n, g in grads.items()])
     rows = []
     for iters in args.iterations:

@@ -120,7 +120,7 @@ def test_equals_the_dense_solve_with_the_truncated_ema(history: int, float64) ->
         for h in handles:
             h.remove()
         factors.append({n: _layer_factors(model.get_submodule(n), *store[n], batch=5) for n in opt.layers})
-        grads = {n: layer.adapter.grad_matrix(layer.module).clone() for n, layer in opt.layers.items()}
+        grads = {n: layer.helper.grad_matrix(layer.module).clone() for n, layer in opt.layers.items()}
         opt.step()
     weights = [rho**b for b in range(history)]
     weights = [w / sum(weights) for w in weights]

@@ -23,18 +23,18 @@ from torch.utils.hooks import RemovableHandle
 
 from kronfac.curvature.block import CurvatureStatistics
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
-from kronfac.layers.base import LayerAdapter
+from kronfac.layers.base import LayerHelper
 
 __all__ = ["Capture", "CaptureListener", "TrackedLayer"]
 
 
 @dataclass(eq=False)
 class TrackedLayer:
-    """A module with an adapter and the curvature statistics it feeds."""
+    """A module with a helper and the curvature statistics it feeds."""
 
     name: str
     module: nn.Module
-    adapter: LayerAdapter
+    helper: LayerHelper
     block: CurvatureStatistics
     params: list[nn.Parameter] = field(default_factory=list)
 
@@ -157,7 +157,7 @@ class Capture:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             start = perf_counter() if self.listener is not None else 0.0
-            rows = layer.adapter.input_rows(module, args[0].detach())
+            rows = layer.helper.input_rows(module, args[0].detach())
             layer.block.add_inputs(rows)
             count = self._row_count(rows)
             output.register_hook(lambda grad: self._grad_hook(layer, count, grad))
@@ -172,7 +172,7 @@ class Capture:
         if sampled != self._sampling:
             return  # MC/type2 statistics come from our own backward pass, not the user's
         start = perf_counter() if self.listener is not None else 0.0
-        rows = layer.adapter.output_grad_rows(layer.module, grad.detach())
+        rows = layer.helper.output_grad_rows(layer.module, grad.detach())
         if sampled:
             # Sampled gradients are those of the summed loss: G = (1/M) Σ g g^T.
             layer.block.add_output_grads(rows, 1.0 / row_count, self._count)

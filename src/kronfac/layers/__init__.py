@@ -1,16 +1,16 @@
-"""Layer adapters: one per supported module type (Linear, Conv2d, Embedding)."""
+"""Layer helpers: one per supported module type (Linear, Conv2d, Embedding)."""
 
-from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, adapter_for, register_adapter
-from kronfac.layers.conv2d import Conv2dAdapter
-from kronfac.layers.embedding import EmbeddingAdapter
-from kronfac.layers.linear import LinearAdapter
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, helper_for, register_helper
+from kronfac.layers.conv2d import Conv2dHelper
+from kronfac.layers.embedding import EmbeddingHelper
+from kronfac.layers.linear import LinearHelper
 
 __all__ = [
-    "Conv2dAdapter",
-    "EmbeddingAdapter",
-    "LayerAdapter",
-    "LinearAdapter",
+    "Conv2dHelper",
+    "EmbeddingHelper",
+    "LayerHelper",
+    "LinearHelper",
     "UnsupportedModuleError",
-    "adapter_for",
-    "register_adapter",
+    "helper_for",
+    "register_helper",
 ]

@@ -1,6 +1,6 @@
-"""Layer adapters: how one module type exposes its Kronecker-factor inputs and its gradient matrix.
+"""Layer helpers: how one module type exposes its Kronecker-factor inputs and its gradient matrix.
 
-Every adapter speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of shape ``d_o x d_i``:
+Every helper speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of shape ``d_o x d_i``:
 
 * ``input_rows(module, x)`` returns ``(N, R, d_i)``: batch, weight-sharing positions (sequence entries,
   conv locations; ``R = 1`` for a plain MLP) and the layer input, with a trailing 1 when there is a bias.
@@ -16,14 +16,14 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["LayerAdapter", "UnsupportedModuleError", "adapter_for", "register_adapter"]
+__all__ = ["LayerHelper", "UnsupportedModuleError", "helper_for", "register_helper"]
 
 
 class UnsupportedModuleError(ValueError):
-    """A module of a supported type is configured in a way the adapter cannot represent."""
+    """A module of a supported type is configured in a way the helper cannot represent."""
 
 
-class LayerAdapter(ABC):
+class LayerHelper(ABC):
     """Reshapes for one module type. Stateless: one shared instance per type."""
 
     module_types: ClassVar[tuple[type[nn.Module], ...]]
@@ -74,19 +74,19 @@ def require_grads(params: list[nn.Parameter]) -> list[Tensor]:
     return grads  # type: ignore[return-value]
 
 
-_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {}
+_HELPERS: dict[type[nn.Module], LayerHelper] = {}
 
 
-def register_adapter(adapter: LayerAdapter) -> LayerAdapter:
-    """Register an adapter instance for its module types (exact type match, subclasses included)."""
-    for module_type in adapter.module_types:
-        _ADAPTERS[module_type] = adapter
-    return adapter
+def register_helper(helper: LayerHelper) -> LayerHelper:
+    """Register a helper instance for its module types (exact type match, subclasses included)."""
+    for module_type in helper.module_types:
+        _HELPERS[module_type] = helper
+    return helper
 
 
-def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter for ``module``'s type (walking its MRO), or ``None`` if the type is unsupported."""
+def helper_for(module: nn.Module) -> LayerHelper | None:
+    """The helper for ``module``'s type (walking its MRO), or ``None`` if the type is unsupported."""
     for cls in type(module).__mro__:
-        if cls in _ADAPTERS:
-            return _ADAPTERS[cls]
+        if cls in _HELPERS:
+            return _HELPERS[cls]
     return None

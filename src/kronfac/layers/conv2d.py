@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, register_adapter, require_grads
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, register_helper, require_grads
 from kronfac.layers.linear import append_ones
 
-__all__ = ["Conv2dAdapter"]
+__all__ = ["Conv2dHelper"]
 
 
 def _padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -33,7 +33,7 @@ def _padding(module: nn.Conv2d) -> tuple[int, int]:
     return module.padding  # type: ignore[return-value]
 
 
-class Conv2dAdapter(LayerAdapter):
+class Conv2dHelper(LayerHelper):
     module_types = (nn.Conv2d,)
 
     def check(self, module: nn.Module) -> None:
@@ -88,4 +88,4 @@ class Conv2dAdapter(LayerAdapter):
         return torch.cat([weight, params[1].detach().unsqueeze(1)], dim=1)
 
 
-register_adapter(Conv2dAdapter())
+register_helper(Conv2dHelper())

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, register_adapter
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, register_helper
 
-__all__ = ["EmbeddingAdapter"]
+__all__ = ["EmbeddingHelper"]
 
 
-class EmbeddingAdapter(LayerAdapter):
+class EmbeddingHelper(LayerHelper):
     module_types = (nn.Embedding,)
     diagonal_a = True
 
@@ -46,4 +46,4 @@ class EmbeddingAdapter(LayerAdapter):
         return module.weight.detach().T
 
 
-register_adapter(EmbeddingAdapter())
+register_helper(EmbeddingHelper())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerAdapter, register_adapter, require_grads
+from kronfac.layers.base import LayerHelper, register_helper, require_grads
 
-__all__ = ["LinearAdapter"]
+__all__ = ["LinearHelper"]
 
 
 def append_ones(x: Tensor) -> Tensor:
@@ -15,7 +15,7 @@ def append_ones(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
 
 
-class LinearAdapter(LayerAdapter):
+class LinearHelper(LayerHelper):
     module_types = (nn.Linear,)
 
     def dims(self, module: nn.Module) -> tuple[int, int]:
@@ -47,4 +47,4 @@ class LinearAdapter(LayerAdapter):
         return torch.cat([params[0].detach(), params[1].detach().unsqueeze(1)], dim=1)
 
 
-register_adapter(LinearAdapter())
+register_helper(LinearHelper())

@@ -1,8 +1,8 @@
-"""Adapters for the affine part of normalisation layers (LayerNorm, BatchNorm1d/2d/3d), as AdaFisher treats them
+"""Helpers for the affine part of normalisation layers (LayerNorm, BatchNorm1d/2d/3d), as AdaFisher treats them
 (Gomes et al., ICLR 2025).
 
 A normalisation layer with ``C`` normalised features computes ``y_c = γ_c x̂_c + β_c`` per feature ``c`` and
-position (sequence entries, spatial locations). The adapters expose:
+position (sequence entries, spatial locations). The helpers expose:
 
 * ``input_rows``: the normalised input ``x̂`` (what the scale ``γ`` multiplies) as ``(N, R, C)``: one row per
   sample and position, one column per feature. ``x̂`` is recomputed from the layer input with the statistics the
@@ -10,10 +10,10 @@ position (sequence entries, spatial locations). The adapters expose:
 * ``output_grad_rows``: the output gradient in the same ``(N, R, C)`` layout;
 * ``grad_matrix``: ``[∇γ, ∇β]`` as ``C x 2`` (``C x 1`` without a shift); ``dims`` is ``(2 or 1, C)``.
 
-Unlike the Linear/Conv2d/Embedding adapters these rows are not the ``d_i`` columns of a Kronecker factor: they
+Unlike the Linear/Conv2d/Embedding helpers these rows are not the ``d_i`` columns of a Kronecker factor: they
 are per-feature statistics, consumed by :class:`~kronfac.curvature.diagonal.ScaleShiftBlock`. They are therefore
-not in the global adapter registry (K-FAC keeps treating normalisation layers as first-order parameters); an
-optimizer that wants them asks :func:`norm_adapter_for`.
+not in the global helper registry (K-FAC keeps treating normalisation layers as first-order parameters); an
+optimizer that wants them asks :func:`norm_helper_for`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kronfac.layers.base import LayerAdapter, UnsupportedModuleError, require_grads
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, require_grads
 
-__all__ = ["BatchNormAdapter", "LayerNormAdapter", "ScaleShiftAdapter", "norm_adapter_for"]
+__all__ = ["BatchNormHelper", "LayerNormHelper", "ScaleShiftHelper", "norm_helper_for"]
 
 
-class ScaleShiftAdapter(LayerAdapter):
+class ScaleShiftHelper(LayerHelper):
     """Shared reshapes of a per-feature scale ``γ`` and shift ``β`` (the module's ``weight`` and ``bias``)."""
 
     def check(self, module: nn.Module) -> None:
@@ -70,7 +70,7 @@ class ScaleShiftAdapter(LayerAdapter):
         return torch.stack([p.detach().reshape(-1) for p in self.params(module)], dim=1)
 
 
-class LayerNormAdapter(ScaleShiftAdapter):
+class LayerNormHelper(ScaleShiftHelper):
     """``nn.LayerNorm``: features are the ``normalized_shape`` entries; leading dimensions after the batch are
     positions."""
 
@@ -86,7 +86,7 @@ class LayerNormAdapter(ScaleShiftAdapter):
         return t.reshape(t.shape[0] if batched else 1, -1, self.channels(module))
 
 
-class BatchNormAdapter(ScaleShiftAdapter):
+class BatchNormHelper(ScaleShiftHelper):
     """``nn.BatchNorm1d/2d/3d``: features are the channels (dim 1); length or spatial entries are positions."""
 
     module_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -102,12 +102,12 @@ class BatchNormAdapter(ScaleShiftAdapter):
         return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
 
-_NORM_ADAPTERS: tuple[ScaleShiftAdapter, ...] = (LayerNormAdapter(), BatchNormAdapter())
+_NORM_ADAPTERS: tuple[ScaleShiftHelper, ...] = (LayerNormHelper(), BatchNormHelper())
 
 
-def norm_adapter_for(module: nn.Module) -> ScaleShiftAdapter | None:
-    """The scale/shift adapter for a normalisation module, or ``None`` for any other module."""
-    for adapter in _NORM_ADAPTERS:
-        if isinstance(module, adapter.module_types):
-            return adapter
+def norm_helper_for(module: nn.Module) -> ScaleShiftHelper | None:
+    """The scale/shift helper for a normalisation module, or ``None`` for any other module."""
+    for helper in _NORM_ADAPTERS:
+        if isinstance(module, helper.module_types):
+            return helper
     return None

@@ -20,7 +20,7 @@ from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import TrackedLayer
 from kronfac.curvature.diagonal import DiagonalFactors, DiagonalKroneckerBlock, FactorAveraging, ScaleShiftBlock
 from kronfac.layers.base import UnsupportedModuleError
-from kronfac.layers.normalization import norm_adapter_for
+from kronfac.layers.normalization import norm_helper_for
 from kronfac.optim.base import KronOptimizer, Schedule, _enum, check_positive_int, check_range
 
 __all__ = ["AdaFisher", "AdaFisherW", "WeightDecayMode", "adafisher_update_"]
@@ -81,7 +81,7 @@ class AdaFisher(KronOptimizer):
     2. ``m <- β m + (1-β) g``, ``m̂ = m / (1 - β^t)``;
     3. ``θ <- θ - α m̂ / F_D`` (weight decay coupled into ``g`` here, decoupled in :class:`AdaFisherW`).
 
-    Supported modules: Linear, Conv2d, Embedding (through the shared adapters), LayerNorm and BatchNorm1d/2d/3d
+    Supported modules: Linear, Conv2d, Embedding (through the shared helpers), LayerNorm and BatchNorm1d/2d/3d
     (through :mod:`kronfac.layers.normalization`). Parameters are paired with their modules by identity.
 
     Defaults and their source: ``lr = 1e-3``, ``beta = 0.9``, ``damping = 1e-3`` (paper and reference code);
@@ -176,22 +176,22 @@ class AdaFisher(KronOptimizer):
         if not self.norm_layers:
             return
         for name, module in self.model.named_modules():
-            adapter = norm_adapter_for(module)
-            if adapter is None:
+            helper = norm_helper_for(module)
+            if helper is None:
                 continue
             try:
-                adapter.check(module)
+                helper.check(module)
             except UnsupportedModuleError:
                 continue  # no affine parameters: nothing to optimise
-            params = adapter.params(module)
+            params = helper.params(module)
             groups = {group_of.get(p) for p in params}
             if None in groups or not all(p.requires_grad for p in params):
                 continue
             if len(groups) > 1:
                 raise ValueError(f"Invalid param_groups: the parameters of layer {name!r} are in different groups")
             options = self._block_options(module)
-            block = ScaleShiftBlock(adapter.channels(module), shift=adapter.has_bias(module), **options)
-            layer = TrackedLayer(name, module, adapter, block, params)
+            block = ScaleShiftBlock(helper.channels(module), shift=helper.has_bias(module), **options)
+            layer = TrackedLayer(name, module, helper, block, params)
             self.layers[name] = layer
             self.layer_groups[groups.pop()].append(layer)  # type: ignore[index]
 
@@ -205,7 +205,7 @@ class AdaFisher(KronOptimizer):
             assert isinstance(block, DiagonalFactors)
             fisher = block.fisher(damping)
             pieces: list[Tensor | None] = (
-                [None] * len(layer.params) if fisher is None else list(layer.adapter.split(layer.module, fisher))
+                [None] * len(layer.params) if fisher is None else list(layer.helper.split(layer.module, fisher))
             )
             out.append((layer.params, pieces))
         return out

@@ -1,6 +1,6 @@
 """``KronOptimizer``: the torch.optim base every kronfac optimizer builds on.
 
-It finds the layers that have an adapter, builds one curvature block per layer (the subclass says which),
+It finds the layers that have a helper, builds one curvature block per layer (the subclass says which),
 installs the capture hooks only on steps where a curvature update is due, checks for non-finite values, and
 keeps the curvature state in ``state_dict`` so that a resumed run continues bit-identically. Subclasses write
 ``step`` from the helpers here; they never re-implement layer discovery, scheduling or checkpointing.
@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from kronfac.curvature.block import Approximation, CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType
-from kronfac.layers import UnsupportedModuleError, adapter_for
+from kronfac.layers import UnsupportedModuleError, helper_for
 
 __all__ = ["CALLABLE", "KronOptimizer", "Schedule", "check_positive_int", "check_range", "resolve"]
 
@@ -156,23 +156,23 @@ class KronOptimizer(Optimizer):
 
     def _discover_layers(self, group_of: dict[nn.Parameter, int]) -> None:
         for name, module in self.model.named_modules():
-            adapter = adapter_for(module)
-            if adapter is None:
+            helper = helper_for(module)
+            if helper is None:
                 continue
             try:
-                adapter.check(module)
+                helper.check(module)
             except UnsupportedModuleError as exc:
                 warnings.warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=3)
                 continue
-            params = adapter.params(module)
+            params = helper.params(module)
             groups = {group_of.get(p) for p in params}
             if None in groups or not all(p.requires_grad for p in params):
                 continue  # frozen or not optimised by this optimizer
             if len(groups) > 1:
                 raise ValueError(f"Invalid param_groups: the parameters of layer {name!r} are in different groups")
-            d_in, d_out = adapter.dims(module)
-            block = self.make_block(name, module, d_in, d_out, adapter.diagonal_a)
-            layer = TrackedLayer(name, module, adapter, block, params)
+            d_in, d_out = helper.dims(module)
+            block = self.make_block(name, module, d_in, d_out, helper.diagonal_a)
+            layer = TrackedLayer(name, module, helper, block, params)
             self.layers[name] = layer
             self.layer_groups[groups.pop()].append(layer)  # type: ignore[index]
 
@@ -186,7 +186,7 @@ class KronOptimizer(Optimizer):
         )
         if owners:
             warnings.warn(
-                f"kronfac: {type(self).__name__} has no Kronecker adapter for the parameters of {owners}; "
+                f"kronfac: {type(self).__name__} has no Kronecker layer helper for the parameters of {owners}; "
                 "they get the first-order update",
                 UserWarning,
                 stacklevel=3,

@@ -172,11 +172,11 @@ class KFAC(KronOptimizer):
         for layer in layers:
             if any(p.grad is None for p in layer.params):
                 continue
-            grad = layer.adapter.grad_matrix(layer.module)
+            grad = layer.helper.grad_matrix(layer.module)
             if correction is not None:
                 grad = correction.correct(self, group, layer.name, grad)
             if weight_decay:
-                grad = grad + weight_decay * layer.adapter.param_matrix(layer.module)
+                grad = grad + weight_decay * layer.helper.param_matrix(layer.module)
             if correction is None:
                 directions.append((layer, grad, layer.block.precondition(grad)))
             else:
@@ -189,7 +189,7 @@ class KFAC(KronOptimizer):
             if correction is not None:
                 correction.record(self, group, layer.name, update)
             params.extend(layer.params)
-            updates.extend(layer.adapter.split(layer.module, update))
+            updates.extend(layer.helper.split(layer.module, update))
         for p in plain:
             if p.grad is None:
                 continue

@@ -100,7 +100,7 @@ class KLDWRMVariant(str, Enum):
 
 def _as_matrix(layer: TrackedLayer, tensors: list[Tensor]) -> Tensor:
     """Per-parameter tensors of a layer (weight, bias) as its ``d_o x d_i`` matrix, like ``grad_matrix``."""
-    if layer.adapter.diagonal_a:
+    if layer.helper.diagonal_a:
         return tensors[0].T
     return torch.cat([tensors[0].reshape(tensors[0].shape[0], -1)] + [t.unsqueeze(1) for t in tensors[1:]], dim=1)
 
@@ -218,7 +218,7 @@ class KLDWRM(GradientCorrection):
         hu = hu + optimizer.group_value(group, "damping") * u
         layer = optimizer.layers[key]
         # u preconditions ĝ + ηW (weight decay), so (F̄ + δI) u ≈ ĝ + ηW: take ηW out of the carried term
-        decay = optimizer.group_value(group, "weight_decay") * layer.adapter.param_matrix(layer.module)
+        decay = optimizer.group_value(group, "weight_decay") * layer.helper.param_matrix(layer.module)
         carry = grad - corrected - decay.to(grad.dtype) + hu.to(grad.dtype)
         self.carry[key] = (carry.clone(), optimizer.group_value(group, "lr"))
 
@@ -422,7 +422,7 @@ class KLDWRM(GradientCorrection):
             a_batch, g_batch = self.batch[layer.name]
             fs = g_batch.to(s.dtype) @ s
             fs = fs * a_batch.to(s.dtype) if a_batch.ndim == 1 else fs @ a_batch.to(s.dtype)
-            for n, part in zip(pnames, layer.adapter.split(layer.module, fs)):
+            for n, part in zip(pnames, layer.helper.split(layer.module, fs)):
                 out[n] = part.reshape(theta[n].shape)
         return out
 
@@ -436,7 +436,7 @@ class KLDWRM(GradientCorrection):
                 if any(n not in gradients for n in pnames):
                     continue
                 matrix = self.precondition(optimizer, group, layer, _as_matrix(layer, [gradients[n] for n in pnames]))
-                for n, part in zip(pnames, layer.adapter.split(layer.module, matrix)):
+                for n, part in zip(pnames, layer.helper.split(layer.module, matrix)):
                     out[n] = part.reshape(gradients[n].shape)
         return out
 

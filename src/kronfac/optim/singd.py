@@ -166,11 +166,11 @@ class SINGD(KronOptimizer):
         for layer in layers:
             if any(p.grad is None for p in layer.params):
                 continue
-            update = layer.block.precondition(layer.adapter.grad_matrix(layer.module))
+            update = layer.block.precondition(layer.helper.grad_matrix(layer.module))
             if weight_decay:
-                update = update + weight_decay * layer.adapter.param_matrix(layer.module).to(update.dtype)
+                update = update + weight_decay * layer.helper.param_matrix(layer.module).to(update.dtype)
             params.extend(layer.params)
-            updates.extend(u.to(p.dtype) for u, p in zip(layer.adapter.split(layer.module, update), layer.params))
+            updates.extend(u.to(p.dtype) for u, p in zip(layer.helper.split(layer.module, update), layer.params))
         for p in plain:
             if p.grad is None:
                 continue
