@@ -76,7 +76,7 @@ def write_markdown(results: dict[str, Any]) -> str:
         "ratios are the numbers to read). Seeds "
         f"{settings['seeds']}; each method's learning rate is the best final validation loss of its grid (sweep "
         "on seed 0, validation split), then every seed runs on the test split. AdaFisher options: "
-        f"`{settings['adafisher_options']}` (the default `update_every=100` would give these 100-800-step runs "
+        f"`{settings['adafisher_options']}` (the default `factor_every=100` would give these 100-800-step runs "
         "only 1-8 curvature updates), other values its defaults (λ = 1e-3, β = 0.9, EMA decay 0.8). Steps "
         "(seeded run, sweep run) per task, cut from the harness's full budgets to keep the study near 8 "
         f"minutes: {settings['budgets']}. Total wall-clock of this run: {settings['total_seconds'] / 60:.1f} min.",

@@ -81,7 +81,7 @@ def time_steps(name: str, build, width: int, batch: int, args, device: torch.dev
     if isinstance(opt, kronfac.KFAC) and not isinstance(opt, kronfac.CGFAC):
         sync(device)
         start = time.perf_counter()
-        opt.refresh_inverses()
+        opt.refresh()
         sync(device)
         refresh_ms = 1e3 * (time.perf_counter() - start)
     row = {
@@ -120,7 +120,7 @@ def cosine_vs_iterations(width: int, batch: int, args, device: torch.device) -> 
     # both optimizers captured the same batch; commit it without stepping
     for opt in (exact, cg):
         opt.commit_curvature()
-        opt.refresh_inverses()
+        opt.refresh()
     grads = {n: layer.helper.grad_matrix(layer.module).clone() for n, layer in exact.layers.items()}
     reference = torch.cat([exact.layers[n].block.precondition(g).reshape(-1) for n, g in grads.items()])
     rows = []

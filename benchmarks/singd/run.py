@@ -139,7 +139,7 @@ def speed_study(rounds: int = 4, steps_per_round: int = 8) -> dict[str, Any]:
                 torch.manual_seed(0)
                 ours_model, ref_model = build(), build()
                 ref_model.load_state_dict(ours_model.state_dict())
-                ours = SINGD(ours_model, update_every=T, structures=(spec, spec), **hyper)
+                ours = SINGD(ours_model, factor_every=T, structures=(spec, spec), **hyper)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ref = ReferenceSINGD(ref_model, T=T, structures=(spec, spec), warn_unsupported=False, **hyper)
@@ -167,7 +167,7 @@ LR_GRIDS = {
 }
 #: SINGD settings of the bf16 study: T = 5 and β1 = 0.02 so that K and C move within the short CPU budgets, and
 #: λ = 1e-2 (with λ = 1e-3 and β1 = 0.05 SINGD diverged on mlp-digits at every lr of the grid, in fp32 too).
-SINGD_BF16_OPTIONS: dict[str, Any] = {"lr_cov": 2e-2, "damping": 1e-2, "update_every": 5}
+SINGD_BF16_OPTIONS: dict[str, Any] = {"lr_cov": 2e-2, "damping": 1e-2, "factor_every": 5}
 
 
 def _make(method: str, model: nn.Module, lr: float, task: Task) -> torch.optim.Optimizer:

@@ -3,11 +3,8 @@
 from kronfac import nn
 from kronfac.distributed import DistributedConfig
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
-from kronfac.linalg.cg import CGConfig
 from kronfac.linalg.thermodynamic import HardwareModel, SolverSchedule, ThermodynamicConfig
-from kronfac.optim import KFAC, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
-from kronfac.optim.cgfac import CGFAC
-from kronfac.optim.kldwrm import KLDWRM
+from kronfac.optim import CGFAC, KFAC, KLDWRM, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
 
 __version__ = "0.1.0"
 
@@ -18,7 +15,6 @@ __all__ = [
     "SINGD",
     "AdaFisher",
     "AdaFisherW",
-    "CGConfig",
     "CholeskyConfig",
     "DistributedConfig",
     "EighConfig",

@@ -120,7 +120,7 @@ def train(model: nn.Module, opt: kronfac.KFAC, data: list, rows: slice, ddp: Any
             with ctx:
                 loss = nn.functional.cross_entropy(run(x[rows], tokens[rows]), y[rows])
                 loss.backward()
-        engine = opt._distributed
+        engine = opt.sync
         if engine is not None and engine.spd and engine._round is not None:
             sent.append((engine._round.next_bucket, len(engine.plan.buckets)))
         opt.step()
@@ -161,7 +161,7 @@ def equality_worker(rank: int, world: int, runs: list[tuple[str, str, torch.dtyp
             "sent_before_step": sent,
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "timings": opt.timings,
-            "buckets": len(opt._distributed.plan.buckets) if strategy == "spd" else 0,
+            "buckets": len(opt.sync.plan.buckets) if strategy == "spd" else 0,
         }
         opt.close()
     return out

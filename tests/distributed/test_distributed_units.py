@@ -128,15 +128,15 @@ def test_payload_round_trip(triangular: bool, diagonal_a: bool) -> None:
     block = KroneckerFactors(5, 4, diagonal_a=diagonal_a, dtype=torch.float64)
     block.add_inputs(torch.randint(0, 5, (3, 2)) if diagonal_a else torch.randn(3, 2, 5, dtype=torch.float64))
     block.add_output_grads(torch.randn(3, 2, 4, dtype=torch.float64), 3.0, 1)
-    a_sum, a_count, g_sum, g_count = (x.clone() if isinstance(x, torch.Tensor) else x for x in block.pending_sums())
+    before = block.pending_statistics()
     payload = StatisticsPayload(block, triangular=triangular)
     flat = torch.zeros(payload.numel, dtype=torch.float64)
     payload.write(flat)
     assert payload.numel == 2 + (5 if diagonal_a else (15 if triangular else 25)) + (10 if triangular else 16)
     payload.read(flat * 2)  # two identical ranks
-    new = block.pending_sums()
-    assert torch.allclose(new[0], 2 * a_sum) and torch.allclose(new[2], 2 * g_sum)  # type: ignore[arg-type]
-    assert (new[1], new[3]) == (2 * a_count, 2 * g_count)
+    new = block.pending_statistics()
+    assert torch.allclose(new.sums["A"], 2 * before.sums["A"]) and torch.allclose(new.sums["G"], 2 * before.sums["G"])
+    assert (new.a_count, new.g_count) == (2 * before.a_count, 2 * before.g_count)
     payload.read(torch.zeros(payload.numel, dtype=torch.float64))  # no rank had data
     assert not block.has_pending()
 

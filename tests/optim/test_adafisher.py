@@ -52,7 +52,9 @@ def test_linear_step_equals_formula_by_hand() -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     lr, beta, damping = 0.01, 0.9, 1e-3
-    opt = kronfac.AdaFisher(model, lr=lr, beta=beta, damping=damping, update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(
+        model, lr=lr, betas=(beta, 0.8), damping=damping, factor_every=1, factor_dtype=torch.float64
+    )
     layer = model[0]
     before = one_step(opt, model, x, y)
 
@@ -79,7 +81,7 @@ def test_conv_factors_are_means_over_unfolded_patches() -> None:
     nn.functional.cross_entropy(model[2](model[1](out)), y).backward()
     grad_out = out.grad
     assert grad_out is not None
-    opt = kronfac.AdaFisher(model, update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(model, factor_every=1, factor_dtype=torch.float64)
     assert opt.layers["0"].block.a_diag is None
     one_step(opt, model, x, y)
     patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
@@ -94,7 +96,7 @@ def test_conv_factors_are_means_over_unfolded_patches() -> None:
 def test_embedding_h_is_token_frequency() -> None:
     model = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 2))
     tokens = torch.tensor([[0, 1], [1, 1], [2, 5]])
-    opt = kronfac.AdaFisher(model, update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(model, factor_every=1, factor_dtype=torch.float64)
     one_step(opt, model, tokens, torch.tensor([0, 1, 0]))
     counts = torch.bincount(tokens.reshape(-1), minlength=6).double()
     torch.testing.assert_close(opt.layers["0"].block.a_diag, minmax(counts))
@@ -120,7 +122,9 @@ def test_norm_layer_blocks_match_definition(norm, shape) -> None:
     x = torch.randn(*shape) * 2 + 1
     target = torch.randn(*shape)
     lr, beta, damping = 0.05, 0.9, 1e-3
-    opt = kronfac.AdaFisher(model, lr=lr, beta=beta, damping=damping, update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(
+        model, lr=lr, betas=(beta, 0.8), damping=damping, factor_every=1, factor_dtype=torch.float64
+    )
     gamma0, beta0 = layer.weight.detach().clone(), layer.bias.detach().clone()
 
     opt.zero_grad()
@@ -177,7 +181,7 @@ def test_unsupported_module_gets_momentum_sgd_update(kind: str) -> None:
     param = middle.scale if isinstance(middle, Scale) else middle.weight
     lr, beta = 0.1, 0.8
     with pytest.warns(UserWarning, match=r"\['1'\]"):
-        opt = kronfac.AdaFisher(model, lr=lr, beta=beta, update_every=1, norm_layers=kind == "custom-module")
+        opt = kronfac.AdaFisher(model, lr=lr, betas=(beta, 0.8), factor_every=1, norm_layers=kind == "custom-module")
     assert all(p is not param for layer in opt.layers.values() for p in layer.params)
     data = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(3)]
     grads, values = [], [param.detach().clone()]
@@ -204,7 +208,7 @@ def test_parameters_are_paired_with_modules_by_identity() -> None:
             return self.late(self.norm(self.early(x)))
 
     model = Net()
-    opt = kronfac.AdaFisher(model, update_every=1)
+    opt = kronfac.AdaFisher(model, factor_every=1)
     for layer in opt.layers.values():
         assert [id(p) for p in layer.params] == [id(p) for p in layer.module.parameters()]
     one_step(opt, model, torch.randn(8, 4), torch.randint(0, 4, (8,)))
@@ -214,7 +218,7 @@ def test_parameters_are_paired_with_modules_by_identity() -> None:
 def test_ema_averaging_is_a_proper_ema() -> None:
     model = nn.Sequential(nn.Linear(3, 2))
     decay = 0.7
-    opt = kronfac.AdaFisher(model, factor_decay=decay, update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(model, betas=(0.9, decay), factor_every=1, factor_dtype=torch.float64)
     block = opt.layers["0"].block
     history = []
     for seed in range(3):
@@ -234,7 +238,7 @@ def test_ema_averaging_is_a_proper_ema() -> None:
 def test_reference_averaging_uses_the_reference_coefficients() -> None:
     assert REFERENCE_OLD_WEIGHT + REFERENCE_NEW_WEIGHT != 1.0
     model = nn.Sequential(nn.Linear(3, 2))
-    opt = kronfac.AdaFisher(model, averaging="reference", update_every=1, factor_dtype=torch.float64)
+    opt = kronfac.AdaFisher(model, averaging="reference", factor_every=1, factor_dtype=torch.float64)
     block = opt.layers["0"].block
     expected = torch.ones(4)
     for _ in range(3):
@@ -246,10 +250,10 @@ def test_reference_averaging_uses_the_reference_coefficients() -> None:
     assert float(block.a_diag.max()) < 0.02  # shrinks towards 0.008 / 0.92 of the statistics
 
 
-def test_update_every_schedules_the_statistics() -> None:
+def test_factor_every_schedules_the_statistics() -> None:
     model = nn.Sequential(nn.Linear(3, 2))
-    opt = kronfac.AdaFisher(model, update_every=3)
-    assert opt.update_every == 3
+    opt = kronfac.AdaFisher(model, factor_every=3)
+    assert opt.factor_every == 3
     seen = []
     for _ in range(6):
         seen.append(bool(model[0]._forward_hooks))
@@ -262,7 +266,7 @@ def test_weight_decay_modes(cls) -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 2), Scale(2))
     lr, beta, wd, damping = 0.1, 0.9, 0.5, 1e-3
-    opt = cls(model, lr=lr, beta=beta, weight_decay=wd, damping=damping, update_every=1)
+    opt = cls(model, lr=lr, betas=(beta, 0.8), weight_decay=wd, damping=damping, factor_every=1)
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     before = one_step(opt, model, x, y)
     fisher = opt.layers["0"].block.fisher(damping)
@@ -283,8 +287,8 @@ def test_adafisherw_is_adafisher_with_decoupled_mode() -> None:
     data = [(torch.randn(5, 3), torch.randint(0, 2, (5,))) for _ in range(4)]
     results = []
     for make in (
-        lambda m: kronfac.AdaFisherW(m, weight_decay=0.1, update_every=2),
-        lambda m: kronfac.AdaFisher(m, weight_decay=0.1, update_every=2, weight_decay_mode="decoupled"),
+        lambda m: kronfac.AdaFisherW(m, weight_decay=0.1, factor_every=2),
+        lambda m: kronfac.AdaFisher(m, weight_decay=0.1, factor_every=2, weight_decay_mode="decoupled"),
     ):
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(3, 2))
@@ -298,7 +302,14 @@ def test_adafisherw_is_adafisher_with_decoupled_mode() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"beta": 1.0}, {"factor_decay": 1.5}, {"update_every": 0}, {"averaging": "x"}, {"weight_decay_mode": "x"}],
+    [
+        {"betas": (1.0, 0.8)},
+        {"betas": (0.9, 1.5)},
+        {"betas": 0.9},
+        {"factor_every": 0},
+        {"averaging": "x"},
+        {"weight_decay_mode": "x"},
+    ],
 )
 def test_bad_arguments_name_themselves(bad: dict) -> None:
     (key,) = bad
@@ -329,7 +340,7 @@ def test_cuda_steps_match_cpu() -> None:
     finals = []
     for device in ("cpu", "cuda"):
         model = build().to(device)
-        opt = kronfac.AdaFisherW(model, lr=1e-2, weight_decay=0.1, update_every=2, factor_dtype=torch.float64)
+        opt = kronfac.AdaFisherW(model, lr=1e-2, weight_decay=0.1, factor_every=2, factor_dtype=torch.float64)
         for x, y in data:
             one_step(opt, model, x.to(device), y.to(device))
         assert all(b.a_diag.device.type == device for b in (layer.block for layer in opt.layers.values()))

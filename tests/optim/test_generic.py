@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kronfac.optim import OPTIMIZERS
+from settings import OPTIMIZERS
 
 pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
 

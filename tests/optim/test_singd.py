@@ -41,7 +41,7 @@ def test_one_step_of_a_linear_layer_by_hand() -> None:
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
     W0 = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach().clone()
     lam, alpha1, beta1, lr, wd = 1e-2, 0.5, 0.1, 0.05, 1e-3
-    opt = SINGD(layer, lr=lr, damping=lam, alpha1=alpha1, lr_cov=beta1, weight_decay=wd, update_every=1, loss="mse")
+    opt = SINGD(layer, lr=lr, damping=lam, alpha1=alpha1, lr_cov=beta1, weight_decay=wd, factor_every=1, loss="mse")
     out = layer(x)
     loss = 0.5 * ((out - y) ** 2).sum(1).mean()
     loss.backward()
@@ -98,7 +98,7 @@ def test_matches_singd_package_for_20_steps(structure: str, kfac_like: bool) -> 
         "kfac_like": kfac_like,
     }
     ours, ref = conv_model(), conv_model()
-    opt = SINGD(ours, update_every=3, structures=(structure, structure), **hyper)
+    opt = SINGD(ours, factor_every=3, structures=(structure, structure), **hyper)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # singd's own naive-fallback warnings
         ref_opt = ReferenceSINGD(ref, T=3, structures=(structure, structure), **hyper)
@@ -114,7 +114,7 @@ def test_matches_singd_package_for_20_steps(structure: str, kfac_like: bool) -> 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_conv2d_expand_and_reduce_train(approx: str) -> None:
     model = conv_model()
-    opt = SINGD(model, lr=0.05, lr_cov=0.05, update_every=1, approx=approx, structures=("diagonal", "dense"))
+    opt = SINGD(model, lr=0.05, lr_cov=0.05, factor_every=1, approx=approx, structures=("diagonal", "dense"))
     losses = train(model, opt, batches(1, (2, 5, 5)) * 20)
     assert losses[-1] < 0.7 * losses[0]
 
@@ -122,7 +122,7 @@ def test_conv2d_expand_and_reduce_train(approx: str) -> None:
 def test_embedding_keeps_a_diagonal_input_factor() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(20, 6), nn.Flatten(), nn.Linear(6 * 4, 3))
-    opt = SINGD(model, lr=0.05, lr_cov=0.05, update_every=1, structures=("dense", "dense"))
+    opt = SINGD(model, lr=0.05, lr_cov=0.05, factor_every=1, structures=("dense", "dense"))
     block = opt.layers["0"].block
     assert isinstance(block, SINGDBlock) and isinstance(block.factors.K, DiagonalMatrix)
     g = torch.Generator().manual_seed(0)
@@ -159,7 +159,7 @@ def test_pure_bfloat16_training_matches_float32() -> None:
     final = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = mlp(dtype)
-        opt = SINGD(model, lr=0.01, lr_cov=0.02, damping=0.01, update_every=2)
+        opt = SINGD(model, lr=0.01, lr_cov=0.02, damping=0.01, factor_every=2)
         data = [(x[i * 64 : (i + 1) * 64].to(dtype), y[i * 64 : (i + 1) * 64]) for i in range(8)]
         losses = train(model, opt, data * 25)
         assert all(torch.isfinite(torch.tensor(losses)))
@@ -176,7 +176,7 @@ def test_pure_bfloat16_training_matches_float32() -> None:
 def test_bfloat16_structured_training_stays_finite(structures: tuple[str, str]) -> None:
     x, y = classification_data()
     model = mlp(torch.bfloat16)
-    opt = SINGD(model, lr=0.02, lr_cov=0.02, update_every=1, structures=structures)
+    opt = SINGD(model, lr=0.02, lr_cov=0.02, factor_every=1, structures=structures)
     losses = train(model, opt, [(x[:64].bfloat16(), y[:64]), (x[64:].bfloat16(), y[64:])] * 20)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert all(m.is_finite() for layer in opt.layers.values() for m in layer.block.factors)  # type: ignore[attr-defined]
@@ -186,7 +186,7 @@ def test_bfloat16_structured_training_stays_finite(structures: tuple[str, str]) 
 def test_bf16_autocast_with_preconditioner_dtype(preconditioner_dtype: torch.dtype) -> None:
     x, y = classification_data()
     model = mlp(torch.float32)
-    opt = SINGD(model, lr=0.02, lr_cov=0.02, update_every=1, preconditioner_dtype=preconditioner_dtype)
+    opt = SINGD(model, lr=0.02, lr_cov=0.02, factor_every=1, preconditioner_dtype=preconditioner_dtype)
     losses = []
     for _ in range(25):
         opt.zero_grad()
@@ -201,9 +201,9 @@ def test_bf16_autocast_with_preconditioner_dtype(preconditioner_dtype: torch.dty
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_lr_cov_schedule_and_update_every() -> None:
+def test_lr_cov_schedule_and_factor_every() -> None:
     model = mlp(torch.float32)
-    opt = SINGD(model, lr_cov=lambda step: 0.0 if step < 4 else 0.05, update_every=2)
+    opt = SINGD(model, lr_cov=lambda step: 0.0 if step < 4 else 0.05, factor_every=2)
     block = opt.layers["0"].block
     assert isinstance(block, SINGDBlock)
     x, y = classification_data()
@@ -212,7 +212,7 @@ def test_lr_cov_schedule_and_update_every() -> None:
         train(model, opt, [(x[:32], y[:32])])
         moved = not torch.equal(block.factors.K.to_dense(), identity)
         assert moved == (step >= 4)  # updates at steps 0, 2 have β1 = 0; step 4 is the first real one
-    assert opt.update_every == 2
+    assert opt.factor_every == 2
 
 
 def test_param_groups_choose_their_own_structures() -> None:
@@ -222,7 +222,7 @@ def test_param_groups_choose_their_own_structures() -> None:
         {"params": first, "structures": ("diagonal", "lower_triangular")},
         {"params": rest, "structures": (("block_diagonal", {"block_size": 4}), "dense")},
     ]
-    opt = SINGD(model, param_groups=groups, update_every=1)
+    opt = SINGD(model, param_groups=groups, factor_every=1)
     b0, b2 = opt.layers["0"].block, opt.layers["2"].block
     assert isinstance(b0, SINGDBlock) and isinstance(b2, SINGDBlock)
     assert isinstance(b0.factors.K, DiagonalMatrix) and isinstance(b0.factors.C, LowerTriangularMatrix)
@@ -237,7 +237,7 @@ def test_state_memory_diagonal_below_adamw() -> None:
     sizes = {}
     for structures in [("dense", "dense"), ("diagonal", "diagonal"), ("block_diagonal", "block_diagonal")]:
         model = mlp(torch.float32)
-        opt = SINGD(model, update_every=1, structures=structures)
+        opt = SINGD(model, factor_every=1, structures=structures)
         train(model, opt, [(x[:32], y[:32])])
         sizes[structures[0]] = opt.state_bytes()
     adamw_bytes = 2 * sum(p.numel() * p.element_size() for p in mlp(torch.float32).parameters())
@@ -248,12 +248,12 @@ def test_state_memory_diagonal_below_adamw() -> None:
 def test_nonfinite_factor_update_is_reported() -> None:
     x, y = classification_data()
     model = mlp(torch.float32)
-    opt = SINGD(model, lr_cov=1e30, update_every=1)
+    opt = SINGD(model, lr_cov=1e30, factor_every=1)
     with pytest.raises(FloatingPointError, match=r"non-finite .* in the SINGD update of layer"):
         train(model, opt, [(x[:32] * 1e10, y[:32])] * 3)
 
     model = mlp(torch.float32)
-    opt = SINGD(model, lr_cov=1e30, update_every=1, on_nonfinite="skip")
+    opt = SINGD(model, lr_cov=1e30, factor_every=1, on_nonfinite="skip")
     with pytest.warns(RuntimeWarning, match="skipping"):
         train(model, opt, [(x[:32] * 1e10, y[:32])] * 3)
     assert opt.num_skipped >= 1
@@ -267,8 +267,8 @@ def test_nonfinite_factor_update_is_reported() -> None:
         ({"structures": ("dense", "banded")}, "Invalid structure"),
         ({"alpha1": 1.0}, "alpha1"),
         ({"lr_cov": -1.0}, "lr_cov"),
-        ({"update_every": 0}, "update_every"),
-        ({"factor_every": 2}, "update_every"),
+        ({"factor_every": 0}, "factor_every"),
+        ({"preconditioner_dtype": "float32"}, "preconditioner_dtype"),
         ({"param_groups": [{"params": [], "structures": ("dense", "nope")}]}, "Invalid structure"),
     ],
 )

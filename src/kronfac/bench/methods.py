@@ -99,10 +99,10 @@ KFAC_BENCH_OPTIONS: dict[str, Any] = {
 
 #: AdaFisher's benchmark settings: statistics every 10 steps (as K-FAC's above; the default T_cov = 100 would give
 #: the short bench runs only a few updates), every other value its default (λ 1e-3, β 0.9, EMA decay 0.8).
-ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10}
+ADAFISHER_BENCH_OPTIONS: dict[str, Any] = {"factor_every": 10}
 
 #: SINGD's benchmark settings: T = 10 as K-FAC's above, β1 = 1e-2, λ = 1e-3 (the paper's defaults), momentum 0.9.
-SINGD_BENCH_OPTIONS: dict[str, Any] = {"update_every": 10, "lr_cov": 1e-2, "damping": 1e-3, "momentum": 0.9}
+SINGD_BENCH_OPTIONS: dict[str, Any] = {"factor_every": 10, "lr_cov": 1e-2, "damping": 1e-3, "momentum": 0.9}
 
 
 def kronfac_trainer(model: nn.Module, task: Task, optimizer: Callable[..., Any], **options: Any) -> Trainer:
@@ -135,8 +135,8 @@ def _kfac_kldwrm(variant: str, decay: float) -> Callable[..., Trainer]:
     decay as in the paper (0.33 for SO, 0.5 for Q/QE); QE takes 3 inner steps against 3 stored networks."""
 
     def make(model: nn.Module, lr: float, task: Task) -> Trainer:
+        from kronfac.optim.corrections import KLDWRM
         from kronfac.optim.kfac import KFAC
-        from kronfac.optim.kldwrm import KLDWRM
 
         rule = KLDWRM(variant, inner_steps=3, networks=3)
         options = {**KFAC_BENCH_OPTIONS, "factor_decay": decay}

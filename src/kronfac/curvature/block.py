@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -13,6 +14,7 @@ __all__ = [
     "Approximation",
     "CurvatureBlock",
     "CurvatureStatistics",
+    "PendingStatistics",
     "SummedStatistics",
     "reduce_input_rows",
     "reduce_output_grad_rows",
@@ -40,13 +42,35 @@ def reduce_output_grad_rows(rows: Tensor, approx: Approximation) -> Tensor:
     return rows.reshape(-1, rows.shape[-1])
 
 
+@dataclass
+class PendingStatistics:
+    """One layer's batch statistics as a communicator sees them (to reduce them over data-parallel ranks).
+
+    Attributes:
+        a_count: input rows the input-side statistics were summed over.
+        g_count: samples the output-side statistics were summed over.
+        sums: tensors that are sums over rows: the reduction adds them up (same shapes on every rank).
+        rows: tensors of rows (dim 0): the reduction concatenates them in rank order (CG-FAC keeps rows).
+        symmetric: names in ``sums`` that are symmetric matrices (a packer may send only upper triangles).
+    """
+
+    a_count: int
+    g_count: int
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    symmetric: frozenset[str] = frozenset()
+
+
 class CurvatureStatistics(ABC):
     """Statistics of one layer fed by the capture hooks.
 
     The capture calls :meth:`add_inputs` in the forward pass and :meth:`add_output_grads` in the backward pass
-    of a step on which a curvature update is due; the optimizer then calls :meth:`commit` to fold the batch
-    statistics into the running state.
+    of a step on which a curvature update is due; the optimizer then calls :meth:`commit` with the group
+    hyperparameters named in :attr:`commit_keys` to fold the batch statistics into the running state.
     """
+
+    #: The group hyperparameters :meth:`commit` takes (as keyword arguments, nothing else).
+    commit_keys: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def add_inputs(self, rows: Tensor) -> None:
@@ -69,8 +93,21 @@ class CurvatureStatistics(ABC):
     def discard_pending(self) -> None: ...
 
     @abstractmethod
-    def commit(self, **hyper: Any) -> None:
-        """Fold pending statistics into the running state and clear them."""
+    def commit(self, *args: Any, **hyper: Any) -> str | None:
+        """Fold pending statistics into the running state and clear them. Returns ``None``, or the name of what
+        turned non-finite in the update (the running state is then left as it was)."""
+
+    @abstractmethod
+    def pending_counts(self) -> tuple[int, int]:
+        """``(input rows, samples)`` of the pending statistics."""
+
+    @abstractmethod
+    def pending_statistics(self) -> PendingStatistics:
+        """The pending statistics (zeros of the right shapes and zero counts when there are none)."""
+
+    @abstractmethod
+    def set_pending_statistics(self, statistics: PendingStatistics) -> None:
+        """Replace the pending statistics, e.g. by their reduction over ranks (zero counts: drop them)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -82,8 +119,8 @@ class CurvatureStatistics(ABC):
 class CurvatureBlock(CurvatureStatistics):
     """Statistics plus what a method derives from them: the preconditioner of one layer."""
 
-    def refresh(self, **hyper: Any) -> None:
-        """Recompute derived state (e.g. inverses) from the running statistics."""
+    def refresh(self, damping: float) -> None:
+        """Recompute derived state (inverses, the damped diagonal) from the running statistics."""
 
     @abstractmethod
     def precondition(self, grad: Tensor) -> Tensor:
@@ -96,6 +133,8 @@ class SummedStatistics(CurvatureStatistics):
 
     #: Names of the two statistics in error messages (e.g. ``("A", "G")``).
     statistic_names: ClassVar[tuple[str, str]] = ("A", "G")
+    #: Whether matrix-shaped sums are symmetric (outer products), so they can travel as upper triangles.
+    symmetric_sums: ClassVar[bool] = False
     _a_sum: Tensor | None
     _g_sum: Tensor | None
     _a_count: int
@@ -125,13 +164,29 @@ class SummedStatistics(CurvatureStatistics):
         self._a_sum = self._g_sum = None
         self._a_count = self._g_count = 0
 
-    def pending_sums(self) -> tuple[Tensor | None, int, Tensor | None, int]:
-        """The unnormalised batch statistics ``(Σ_a, rows, Σ_g, samples)`` (for all-reduce)."""
-        return self._a_sum, self._a_count, self._g_sum, self._g_count
+    @abstractmethod
+    def _empty_sums(self) -> tuple[Tensor, Tensor]:
+        """Zeros shaped like the two sums (for a rank whose layer saw no data)."""
 
-    def set_pending_sums(self, a_sum: Tensor, a_count: int, g_sum: Tensor, g_count: int) -> None:
-        """Replace the batch statistics, e.g. by their sums over data-parallel ranks."""
-        self._a_sum, self._a_count, self._g_sum, self._g_count = a_sum, a_count, g_sum, g_count
+    def pending_counts(self) -> tuple[int, int]:
+        return self._a_count, self._g_count
+
+    def pending_statistics(self) -> PendingStatistics:
+        a_sum, g_sum = self._a_sum, self._g_sum
+        if a_sum is None or g_sum is None:
+            a_sum, g_sum = self._empty_sums()
+        names = self.statistic_names
+        symmetric = frozenset(n for n, t in zip(names, (a_sum, g_sum)) if t.ndim == 2 and self.symmetric_sums)
+        counts = (self._a_count, self._g_count) if self.has_pending() else (0, 0)
+        return PendingStatistics(*counts, sums={names[0]: a_sum, names[1]: g_sum}, symmetric=symmetric)
+
+    def set_pending_statistics(self, statistics: PendingStatistics) -> None:
+        if statistics.a_count <= 0 or statistics.g_count <= 0:
+            self.discard_pending()
+            return
+        a_name, g_name = self.statistic_names
+        self._a_sum, self._g_sum = statistics.sums[a_name], statistics.sums[g_name]
+        self._a_count, self._g_count = statistics.a_count, statistics.g_count
 
     def batch_means(self) -> tuple[Tensor, Tensor]:
         """The pending batch estimates ``(Σ_a / rows, Σ_g / samples)``."""

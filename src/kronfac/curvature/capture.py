@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from kronfac.curvature.block import CurvatureStatistics
+from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
 from kronfac.layers.base import LayerHelper
 
@@ -35,7 +35,7 @@ class TrackedLayer:
     name: str
     module: nn.Module
     helper: LayerHelper
-    block: CurvatureStatistics
+    block: CurvatureBlock
     params: list[nn.Parameter] = field(default_factory=list)
 
 
@@ -46,7 +46,7 @@ class CaptureListener(Protocol):
     def statistics_complete(self, layer: TrackedLayer) -> None: ...
 
 
-def _first_tensor(output: Any) -> Tensor:
+def first_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, dict):
@@ -195,7 +195,7 @@ class Capture:
     def _sample_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        logits = self.output_fn(output) if self.output_fn is not None else _first_tensor(output)
+        logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
         if not logits.requires_grad or not bool(torch.isfinite(logits).all()):
             return  # non-finite outputs: the optimizer's gradient check reports them
         weights = [layer.params[0] for layer in self.layers]

@@ -25,6 +25,7 @@ from torch import Tensor
 from kronfac.curvature.block import (
     Approximation,
     CurvatureBlock,
+    PendingStatistics,
     reduce_input_rows,
     reduce_output_grad_rows,
 )
@@ -106,7 +107,31 @@ class CGBlock(CurvatureBlock):
         self._a, self._g = [], []
         self._a_count = self._g_count = 0
 
-    def commit(self, *, factor_decay: float = 0.95, **_: Any) -> None:
+    def pending_counts(self) -> tuple[int, int]:
+        return self._a_count, self._g_count
+
+    def pending_statistics(self) -> PendingStatistics:
+        """Rows travel as rows (concatenated over ranks); an Embedding's token counts as a sum."""
+        kw: dict[str, Any] = {"dtype": self.dtype}
+        g = torch.cat(self._g) if self._g else torch.zeros(0, self.d_out, **kw)
+        counts = (self._a_count, self._g_count) if self.has_pending() else (0, 0)
+        if self.diagonal_a:
+            a = torch.stack(self._a).sum(0) if self._a else torch.zeros(self.d_in, **kw)
+            return PendingStatistics(*counts, sums={"a": a}, rows={"g": g})
+        a = torch.cat(self._a) if self._a else torch.zeros(0, self.d_in, **kw)
+        return PendingStatistics(*counts, rows={"a": a, "g": g})
+
+    def set_pending_statistics(self, statistics: PendingStatistics) -> None:
+        self.discard_pending()
+        if statistics.a_count <= 0 or statistics.g_count <= 0:
+            return
+        self._a = [statistics.sums["a"] if self.diagonal_a else statistics.rows["a"]]
+        self._g = [statistics.rows["g"]]
+        self._a_count, self._g_count = statistics.a_count, statistics.g_count
+
+    commit_keys = ("factor_decay",)
+
+    def commit(self, *, factor_decay: float) -> None:
         """Push the pending batch (newest first) and drop batches beyond ``history``."""
         if not self.has_pending():
             raise RuntimeError("no curvature statistics were captured for this layer")
@@ -117,9 +142,9 @@ class CGBlock(CurvatureBlock):
         self.discard_pending()
 
     # -- the solve --------------------------------------------------------------------------------------
-    def refresh(self, **hyper: Any) -> None:
+    def refresh(self, damping: float) -> None:
         """Take the current damping (CG needs no other refresh)."""
-        self.damping = float(hyper["damping"])
+        self.damping = float(damping)
 
     def stacked_rows(self) -> tuple[Tensor, Tensor]:
         """Rows whose Gram matrices are ``Ā`` and ``Ḡ``: ``Ā = a^T a`` (or ``diag(a)`` for a vector), ``Ḡ = g^T g``."""

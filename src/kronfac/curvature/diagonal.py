@@ -91,6 +91,7 @@ class DiagonalFactors(SummedStatistics, CurvatureBlock):
     """
 
     statistic_names = ("H", "S")
+    commit_keys = ("factor_decay",)
 
     def __init__(
         self,
@@ -125,11 +126,15 @@ class DiagonalFactors(SummedStatistics, CurvatureBlock):
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
         self._add_output_grad_sum(samples.square().sum(dim=0).mul_(scale), count)
 
+    def _empty_sums(self) -> tuple[Tensor, Tensor]:
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        return torch.zeros(self.d_in, **kw), torch.zeros(self.d_out, **kw)
+
     def batch_diagonals(self) -> tuple[Tensor, Tensor]:
         """The pending per-batch means ``(Ĥ, Ŝ)`` before normalisation."""
         return self.batch_means()
 
-    def commit(self, *, factor_decay: float = 0.8, **_: Any) -> None:
+    def commit(self, *, factor_decay: float) -> None:
         """Min-max normalise the batch diagonals and average them into ``H`` and ``S``."""
         a_batch, g_batch = (minmax_normalize(v) for v in self.batch_diagonals())
         if self.averaging is FactorAveraging.REFERENCE:
@@ -158,9 +163,9 @@ class DiagonalFactors(SummedStatistics, CurvatureBlock):
             self._cache = (damping, self._fisher(damping))
         return self._cache[1]
 
-    def refresh(self, **hyper: Any) -> None:
+    def refresh(self, damping: float) -> None:
         """Set the damping λ that :meth:`precondition` uses."""
-        self.damping = float(hyper["damping"])
+        self.damping = float(damping)
 
     def precondition(self, grad: Tensor) -> Tensor:
         """``grad / F`` with the damping of the last :meth:`refresh` (``grad`` unchanged before any statistics)."""

@@ -9,7 +9,7 @@ networks with square loss at any batch size.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,7 +33,11 @@ class KroneckerFactors(SummedStatistics):
         diagonal_a: keep A as a vector (inputs are one-hot indices, as for Embedding).
         approx: ``expand`` or ``reduce`` for weight-sharing positions.
         dtype: storage dtype of the factors (float32 unless asked otherwise).
+        device: device of the factors.
     """
+
+    commit_keys: ClassVar[tuple[str, ...]] = ("factor_decay",)
+    symmetric_sums = True
 
     def __init__(
         self,
@@ -64,11 +68,16 @@ class KroneckerFactors(SummedStatistics):
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
         self._add_output_grad_sum((samples.T @ samples).mul_(scale), count)
 
+    def _empty_sums(self) -> tuple[Tensor, Tensor]:
+        a_shape = (self.d_in,) if self.diagonal_a else (self.d_in, self.d_in)
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        return torch.zeros(a_shape, **kw), torch.zeros(self.d_out, self.d_out, **kw)
+
     def batch_factors(self) -> tuple[Tensor, Tensor]:
         """The pending batch estimates ``(A_batch, G_batch)``."""
         return self.batch_means()
 
-    def commit(self, *, factor_decay: float = 0.95, **_: Any) -> None:
+    def commit(self, *, factor_decay: float) -> None:
         """EMA ``F <- ρ F + (1-ρ) F_batch``; the first update takes the batch estimate as it is."""
         a_batch, g_batch = self.batch_factors()
         if self.a_factor is None or self.g_factor is None:

@@ -27,18 +27,17 @@ class KFACBlock(KroneckerFactors, CurvatureBlock):
         self.name, self.inverse_config = name, inverse
         self.inverse: KroneckerInverse | None = None
 
-    def refresh(self, **hyper: Any) -> None:
-        """Rebuild the inverse with ``hyper["damping"]`` (kept unchanged until factors exist)."""
+    def refresh(self, damping: float) -> None:
+        """Rebuild the inverse with damping ``λ`` (kept unchanged until factors exist)."""
         if self.a_factor is None or self.g_factor is None:
             return
         self.inverse = build_inverse(
-            self.inverse_config,
-            self.a_factor,
-            self.g_factor,
-            float(hyper["damping"]),
-            previous=self.inverse,
-            layer=self.name,
+            self.inverse_config, self.a_factor, self.g_factor, float(damping), previous=self.inverse, layer=self.name
         )
+
+    def adopt_inverse(self, inverse: KroneckerInverse) -> None:
+        """Take an inverse computed elsewhere (distributed placement: another rank's pieces, assembled here)."""
+        self.inverse = inverse
 
     def precondition(self, grad: Tensor) -> Tensor:
         return grad if self.inverse is None else self.inverse.precondition(grad)

@@ -17,6 +17,7 @@ from torch import Tensor
 from kronfac.curvature.block import (
     Approximation,
     CurvatureBlock,
+    PendingStatistics,
     reduce_input_rows,
     reduce_output_grad_rows,
 )
@@ -61,7 +62,6 @@ class SINGDBlock(CurvatureBlock):
             make_structure(spec_K, d_in, fill="zeros", **kw),
             make_structure(structures[1], d_out, fill="zeros", **kw),
         )
-        self.failed: str | None = None
         self._reset_pending()
 
     def _reset_pending(self) -> None:
@@ -104,17 +104,34 @@ class SINGDBlock(CurvatureBlock):
     def discard_pending(self) -> None:
         self._reset_pending()
 
-    def commit(
-        self,
-        *,
-        damping: float = 1e-3,
-        alpha1: float = 0.5,
-        lr_cov: float = 1e-2,
-        kfac_like: bool = False,
-        **_: Any,
-    ) -> None:
+    def pending_counts(self) -> tuple[int, int]:
+        return self._a_count, self._g_count
+
+    def pending_statistics(self) -> PendingStatistics:
+        """``H_K`` and ``H_C`` are linear in the summed outer products, so their tensors add up over ranks."""
+        h_K = self._h_K if self._h_K is not None else self.factors.K.zeros_like()
+        h_C = self._h_C if self._h_C is not None else self.factors.C.zeros_like()
+        sums = {f"K.{k}": t for k, t in h_K.tensors().items()} | {f"C.{k}": t for k, t in h_C.tensors().items()}
+        counts = (self._a_count, self._g_count) if self.has_pending() else (0, 0)
+        return PendingStatistics(*counts, sums=sums)
+
+    def set_pending_statistics(self, statistics: PendingStatistics) -> None:
+        self._reset_pending()
+        if statistics.a_count <= 0 or statistics.g_count <= 0:
+            return
+        parts: dict[str, dict[str, Tensor]] = {"K": {}, "C": {}}
+        for key, tensor in statistics.sums.items():
+            side, name = key.split(".", 1)
+            parts[side][name] = tensor
+        self._h_K = self.factors.K.with_tensors(parts["K"])
+        self._h_C = self.factors.C.with_tensors(parts["C"])
+        self._a_count, self._g_count = statistics.a_count, statistics.g_count
+
+    commit_keys = ("damping", "alpha1", "lr_cov", "kfac_like")
+
+    def commit(self, *, damping: float, alpha1: float, lr_cov: float, kfac_like: bool) -> str | None:
         """Apply one SINGD update with the pending ``H_K``, ``H_C``; keep the old state if it turns non-finite
-        (``failed`` then names the factor, for the optimizer to report)."""
+        and return what did (``"A statistics"``, ``"K"``, ...), for the optimizer to report."""
         if not self.has_pending():
             raise RuntimeError(f"no curvature statistics were captured for layer {self.name!r}")
         assert self._h_K is not None and self._h_C is not None
@@ -133,11 +150,11 @@ class SINGDBlock(CurvatureBlock):
         )
         # Non-finite statistics or momenta always reach K or C, so checking these two is enough.
         if new.K.is_finite() and new.C.is_finite():
-            self.factors, self.failed = new, None
-        elif not H_K.is_finite() or not H_C.is_finite():
-            self.failed = "A statistics" if not H_K.is_finite() else "G statistics"
-        else:
-            self.failed = "K" if not new.K.is_finite() else "C"
+            self.factors = new
+            return None
+        if not H_K.is_finite() or not H_C.is_finite():
+            return "A statistics" if not H_K.is_finite() else "G statistics"
+        return "K" if not new.K.is_finite() else "C"
 
     def precondition(self, grad: Tensor) -> Tensor:
         """``C C^T ∇W K K^T`` (in the block's dtype, returned in ``grad``'s dtype)."""
@@ -156,5 +173,4 @@ class SINGDBlock(CurvatureBlock):
             if type(old) is not type(new) or old.dim != new.dim:
                 raise ValueError(f"Invalid state for layer {self.name!r}: {new!r} does not match {old!r}")
         self.factors = SINGDFactors(*(m.to(device=old.device) for m, old in zip(loaded, self.factors)))
-        self.failed = None
         self._reset_pending()

@@ -1,4 +1,4 @@
-"""Distributed K-FAC on ``torch.distributed``: strategy config, work assignment, fused communication.
+"""Curvature on ``torch.distributed``: strategy config, work assignment, fused communication, the sync.
 
 SPD-KFAC (Shi, Zhang and Li, ICDCS 2021) and KAISA (Pauloski et al., SC 2021).
 """
@@ -6,17 +6,18 @@ SPD-KFAC (Shi, Zhang and Li, ICDCS 2021) and KAISA (Pauloski et al., SC 2021).
 from kronfac.distributed.assignment import FactorSpec, WorkAssignment
 from kronfac.distributed.communicator import Communicator, DistributedTimeoutError, FusionPlan, PipelinedAllReduce
 from kronfac.distributed.config import DistributedConfig, Strategy
-from kronfac.distributed.engine import TIMING_KEYS, DistributedKFAC
+from kronfac.distributed.sync import TIMING_KEYS, CurvatureSync, process_group_active
 
 __all__ = [
     "TIMING_KEYS",
     "Communicator",
+    "CurvatureSync",
     "DistributedConfig",
-    "DistributedKFAC",
     "DistributedTimeoutError",
     "FactorSpec",
     "FusionPlan",
     "PipelinedAllReduce",
     "Strategy",
     "WorkAssignment",
+    "process_group_active",
 ]

@@ -4,30 +4,20 @@ CG-FAC: Chen, "An iterative K-FAC algorithm for Deep Learning", arXiv:2101.00218
 ``(G ⊗ A + λI) vec(U) = vec(V)`` (row-major vec) is the matrix equation ``G U A + λ U = V``; CG only needs the
 map ``U -> G U A + λ U``, never ``G ⊗ A`` itself.
 
-Two ways to supply that map:
-
-* :func:`batch_operator`: from the batch matrices ``a`` (``N x d_i``) and ``g`` (``N x d_o``) with
-  ``A = a^T a / n_a`` and ``G = g^T g / n_g``; ``G U A = g^T (g U) a^T a / (n_a n_g)`` costs ``4 N d_i d_o`` and
-  never forms ``A`` or ``G``. This is what :class:`~kronfac.CGFAC` uses.
-* :class:`CGConfig`: an :class:`~kronfac.InverseConfig` for :class:`~kronfac.KFAC`. The inverse-backend
-  interface hands over the dense factors (factors in, :class:`KroneckerInverse` out), so this backend is
-  matrix-free only in the Kronecker product: it keeps ``A`` and ``G`` (K-FAC's memory) and replaces their
-  eigendecomposition by CG iterations with ``G U A`` products at every step. The batch-matrix form cannot be
-  expressed through that interface; it lives in :class:`~kronfac.CGFAC`.
+:func:`batch_operator` supplies it from the batch matrices ``a`` (``N x d_i``) and ``g`` (``N x d_o``) with
+``A = a^T a / n_a`` and ``G = g^T g / n_g``; ``G U A = g^T (g U) a^T a / (n_a n_g)`` costs ``4 N d_i d_o`` and
+never forms ``A`` or ``G``. :class:`~kronfac.CGFAC` is the one optimizer that solves by CG.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from kronfac.linalg.base import InverseConfig, KroneckerInverse, register_inverse
-
-__all__ = ["CGConfig", "CGInverse", "CGResult", "batch_operator", "cg_solve", "factor_operator"]
+__all__ = ["CGResult", "batch_operator", "cg_solve"]
 
 MatrixOperator = Callable[[Tensor], Tensor]
 
@@ -112,73 +102,3 @@ def batch_operator(
         return gua.mul_(scale).add_(u, alpha=damping)
 
     return apply
-
-
-def factor_operator(a_factor: Tensor, g_factor: Tensor, damping: float) -> MatrixOperator:
-    """``U -> G U A + λ U`` from the dense factors (``a_factor`` may be a vector: a diagonal ``A``)."""
-
-    def apply(u: Tensor) -> Tensor:
-        gu = g_factor @ u
-        gua = gu * a_factor if a_factor.ndim == 1 else gu @ a_factor
-        return gua.add_(u, alpha=damping)
-
-    return apply
-
-
-@register_inverse
-class CGInverse(KroneckerInverse):
-    """Dense damped factors plus the CG settings; every :meth:`precondition` runs CG from zero."""
-
-    kind = "cg"
-
-    def __init__(self, a_factor: Tensor, g_factor: Tensor, damping: Tensor, max_iters: Tensor, tol: Tensor) -> None:
-        self.a_factor, self.g_factor = a_factor, g_factor
-        self.damping, self.max_iters, self.tol = damping, max_iters, tol
-        self.last_iterations = 0
-
-    def precondition(self, grad: Tensor) -> Tensor:
-        operator = factor_operator(self.a_factor, self.g_factor, float(self.damping))
-        result = cg_solve(operator, grad.to(self.g_factor.dtype), max_iters=int(self.max_iters), tol=float(self.tol))
-        self.last_iterations = result.iterations
-        return result.solution.to(grad.dtype)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {
-            "a_factor": self.a_factor,
-            "g_factor": self.g_factor,
-            "damping": self.damping,
-            "max_iters": self.max_iters,
-            "tol": self.tol,
-        }
-
-
-@dataclass(kw_only=True)
-class CGConfig(InverseConfig):
-    """Solve each layer's damped Kronecker system by CG on the dense factors (no eigendecomposition).
-
-    Exact damping, like :class:`~kronfac.EighConfig`, once CG has converged. Memory is K-FAC's (the factors);
-    each step costs ``iterations x (d_o^2 d_i + d_o d_i^2)`` instead of a ``d^3`` inversion every few steps.
-    For the batch-matrix form with ``O(N (d_i + d_o))`` memory use :class:`~kronfac.CGFAC`.
-
-    Args:
-        max_iters: CG iterations per step at most.
-        tol: relative residual at which CG stops.
-    """
-
-    max_iters: int = 50
-    tol: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_iters, int) or self.max_iters < 1:
-            raise ValueError(f"Invalid max_iters: {self.max_iters!r} (must be an integer >= 1)")
-        if not self.tol >= 0:
-            raise ValueError(f"Invalid tol: {self.tol!r} (must be >= 0)")
-
-    def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> CGInverse:
-        return CGInverse(
-            a_factor.clone(),
-            g_factor.clone(),
-            torch.tensor(float(damping), dtype=g_factor.dtype),
-            torch.tensor(self.max_iters),
-            torch.tensor(float(self.tol), dtype=torch.float64),
-        )

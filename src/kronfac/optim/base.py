@@ -1,168 +1,157 @@
-"""``KronOptimizer``: the torch.optim base every kronfac optimizer builds on.
+"""``KronOptimizer``: the torch.optim base every kronfac optimizer builds on, and its one ``step``.
 
-It finds the layers that have a helper, builds one curvature block per layer (the subclass says which),
-installs the capture hooks only on steps where a curvature update is due, checks for non-finite values, and
-keeps the curvature state in ``state_dict`` so that a resumed run continues bit-identically. Subclasses write
-``step`` from the helpers here; they never re-implement layer discovery, scheduling or checkpointing.
+One step, for every method (the method supplies only its math: :meth:`KronOptimizer.make_block`,
+:meth:`KronOptimizer.direction` and the update kernel :meth:`KronOptimizer.update`):
+
+1. closure (under ``enable_grad``), then the finite check of every gradient;
+2. on curvature steps (every ``factor_every``): the communicator reduces the captured statistics over the
+   ranks, a correction may read them, each block folds them into its running state (``commit``);
+3. on refresh steps (every ``refresh_every``): each block recomputes what it derives (inverses, damped
+   diagonals), through the communicator when distributed;
+4. per param group: the gradient matrix of each layer (plus the correction's transform and weight decay
+   before or after, as the method says) becomes the method's direction; KL clip where the group has
+   ``kl_clip``; parameters without a block take their gradient;
+5. a correction may refine the directions; decoupled weight decay; the method's update kernel;
+6. the step counter advances and the capture hooks are installed for the next step only if it captures.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from kronfac.curvature.block import Approximation, CurvatureBlock
+from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
-from kronfac.curvature.fisher import FisherType, LossAverage, LossType
-from kronfac.layers import UnsupportedModuleError, helper_for
+from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active
+from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
+from kronfac.optim.corrections.base import Correction, CorrectionContext
+from kronfac.optim.options import CALLABLE, CaptureOptions, check_positive_int, resolve
+from kronfac.optim.types import GroupStep
 
-__all__ = ["CALLABLE", "KronOptimizer", "Schedule", "check_positive_int", "check_range", "resolve"]
-
-#: Marker stored in a state_dict in place of a callable hyperparameter (callables are kept from the live group).
-CALLABLE = "<callable>"
-
-Schedule = float | Callable[[int], float]
+__all__ = ["GroupStep", "KronOptimizer", "WeightDecay"]
 
 
-def resolve(value: Any, step: int) -> Any:
-    """A hyperparameter's value at ``step``: call it if it is a schedule, else return it unchanged."""
-    return value(step) if callable(value) else value
+class WeightDecay(str, Enum):
+    """Where a method's weight decay ``η`` enters: ``gradient`` (L2, ``∇ + η θ`` before the direction: K-FAC,
+    CG-FAC, AdaFisher), ``direction`` (``direction + η θ``: SINGD, as in its paper) or ``decoupled``
+    (``θ <- (1 - α η) θ`` before the update: AdaFisherW, as AdamW)."""
 
-
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (``low < value`` if ``low_open``).
-    Callables are checked at step 0."""
-    checked = resolve(value, 0) if callable(value) else value
-    if not isinstance(checked, (int, float)) or isinstance(checked, bool) or math.isnan(checked):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
-    below = checked <= low if low_open else checked < low
-    if below or checked > high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
-        raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (bools are refused)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-
-
-def _enum(enum: type[Enum], name: str, value: Any) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"Invalid {name}: {value!r} (must be one of {allowed})") from None
+    GRADIENT = "gradient"
+    DIRECTION = "direction"
+    DECOUPLED = "decoupled"
 
 
 class KronOptimizer(Optimizer):
-    """Shared machinery of Kronecker-factored optimizers (see the module docstring).
+    """Shared machinery of Kronecker-factored optimizers (see the module docstring for the step).
 
     Args:
-        model: the model whose Linear/Conv2d/Embedding layers get curvature blocks.
+        model: the model whose supported layers get curvature blocks.
         defaults: per-group hyperparameters and their defaults.
-        param_groups: optional list of dicts (``{"params": [...], "lr": ...}``) over the model's parameters;
-            a layer's weight and bias must share a group. Default: all trainable parameters in one group.
-        factor_every: curvature statistics are captured and averaged every this many steps.
-        fisher_type: ``"empirical"``, ``"mc"`` (sampled labels) or ``"type2"`` (exact, one backward per class).
-        loss: ``"cross_entropy"`` or ``"mse"``: the loss of the model output, used by ``mc``/``type2``.
-        loss_average: ``"batch"`` (loss is a mean over the first dim), ``"batch+sequence"`` or ``"sum"``.
-        approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (conv locations, sequence entries).
-        mc_samples: sampled labels per input for ``fisher_type="mc"``.
-        seed: seed of the label sampler.
-        grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from the captured gradients.
-        output_fn: picks the logits from a model output that is not a tensor.
-        on_nonfinite: ``"raise"`` a ``FloatingPointError`` naming the layer, or ``"skip"`` the step.
-        factor_dtype: storage dtype of the curvature statistics.
+        options: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+        factor_every: curvature statistics are captured and committed every this many steps.
+        refresh_every: blocks refresh their derived state every this many steps.
+        distributed: ``None``: average the curvature over the ranks whenever ``torch.distributed`` is
+            initialised with more than one rank (so DDP replicas stay identical); a
+            :class:`~kronfac.DistributedConfig` chooses the strategy; ``False`` keeps per-rank curvature.
+        correction: a :class:`~kronfac.optim.corrections.Correction` composed into the step.
     """
+
+    #: Where the group's ``weight_decay`` enters the step (a method may set it per instance).
+    weight_decay_mode: WeightDecay = WeightDecay.GRADIENT
+    #: Whether layers' gradients go through :meth:`direction` as matrices; ``False``: every parameter takes its
+    #: own gradient and the kernel applies the curvature (AdaFisher divides its moment by ``F_D``).
+    layer_directions: ClassVar[bool] = True
 
     def __init__(
         self,
         model: nn.Module,
         defaults: dict[str, Any],
+        options: CaptureOptions,
         *,
-        param_groups: Iterable[dict[str, Any]] | None = None,
-        factor_every: int = 1,
-        fisher_type: str = "empirical",
-        loss: str = "cross_entropy",
-        loss_average: str | None = "batch",
-        approx: str = "expand",
-        mc_samples: int = 1,
-        seed: int = 0,
-        grad_scaler: Any = None,
-        output_fn: Callable[[Any], Tensor] | None = None,
-        on_nonfinite: str = "raise",
-        factor_dtype: torch.dtype = torch.float32,
+        factor_every: int,
+        refresh_every: int = 1,
+        distributed: DistributedConfig | bool | None = None,
+        correction: Correction | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"kronfac optimizers take the model (an nn.Module), got {type(model).__name__}")
         check_positive_int("factor_every", factor_every)
-        check_positive_int("mc_samples", mc_samples)
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (must be 'raise' or 'skip')")
-        self.fisher_type = _enum(FisherType, "fisher_type", fisher_type)
-        self.loss = _enum(LossType, "loss", loss)
-        self.loss_average = _enum(LossAverage, "loss_average", "sum" if loss_average is None else loss_average)
-        self.approx = _enum(Approximation, "approx", approx)
-        self.factor_every, self.on_nonfinite, self.factor_dtype = factor_every, on_nonfinite, factor_dtype
-        self.model = model
+        check_positive_int("refresh_every", refresh_every)
+        if not (distributed is None or isinstance(distributed, (bool, DistributedConfig))):
+            raise ValueError(f"Invalid distributed: {distributed!r} (must be None, False or a DistributedConfig)")
+        if correction is not None and not isinstance(correction, Correction):
+            raise ValueError(f"Invalid correction: {correction!r} (must be a Correction such as KLDWRM())")
+        self.model, self.options = model, options
+        self.factor_every, self.refresh_every = factor_every, refresh_every
+        groups = options.param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        super().__init__([dict(g) for g in groups], defaults)
 
-        groups = (
-            [dict(g) for g in param_groups]
-            if param_groups is not None
-            else [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        )
-        super().__init__(groups, defaults)
-
-        self._param_names = {p: n for n, p in model.named_parameters()}
-        group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self.param_names = {p: n for n, p in model.named_parameters()}
         self.layers: dict[str, TrackedLayer] = {}
         self.layer_groups: list[list[TrackedLayer]] = [[] for _ in self.param_groups]
-        self._discover_layers(group_of)
+        self._discover_layers()
         tracked = {p for layer in self.layers.values() for p in layer.params}
-        self._plain_params = [[p for p in g["params"] if p not in tracked] for g in self.param_groups]
-        self._warn_untracked(tracked, group_of)
+        self.plain_params = [[p for p in g["params"] if p not in tracked] for g in self.param_groups]
+        self._warn_untracked(tracked)
 
-        scale_fn = grad_scaler.get_scale if grad_scaler is not None else None
+        scaler = options.grad_scaler
         self.capture = Capture(
             model,
             list(self.layers.values()),
-            fisher_type=self.fisher_type,
-            loss=self.loss,
-            loss_average=self.loss_average,
-            mc_samples=mc_samples,
-            seed=seed,
-            grad_scale=scale_fn,
-            output_fn=output_fn,
+            fisher_type=options.fisher_type,
+            loss=options.loss,
+            loss_average=options.loss_average,
+            mc_samples=options.mc_samples,
+            seed=options.seed,
+            grad_scale=scaler.get_scale if scaler is not None else None,
+            output_fn=options.output_fn,
         )
         self.steps = 0
         self.num_skipped = 0
-        #: Distributed engine (kronfac.distributed), set by optimizers that take ``distributed=``.
-        self._distributed: Any = None
+        self.sync = self._make_sync(distributed)
+        self.correction = correction
+        if correction is not None:
+            correction.bind(self._correction_context())
         self._schedule_capture()
 
-    # -- construction -----------------------------------------------------------------------------------
+    # -- what a method supplies -------------------------------------------------------------------------
     @abstractmethod
-    def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
-        """The curvature block this method keeps for one layer."""
+    def make_block(self, name: str, module: nn.Module, helper: LayerHelper, group: dict[str, Any]) -> CurvatureBlock:
+        """The curvature block this method keeps for one layer (``group``: the layer's param group)."""
 
-    def _discover_layers(self, group_of: dict[nn.Parameter, int]) -> None:
+    def direction(self, layer: TrackedLayer, grad: Tensor, hyper: dict[str, Any]) -> Tensor:
+        """The update direction of a layer from its ``d_o x d_i`` gradient matrix: the block's preconditioner."""
+        block = layer.block
+        assert isinstance(block, CurvatureBlock)
+        return block.precondition(grad)
+
+    @abstractmethod
+    def update(self, step: GroupStep) -> None:
+        """Apply one group's directions to its parameters (the method's kernel in ``optim/functional.py``)."""
+
+    def helper_for(self, module: nn.Module) -> LayerHelper | None:
+        """The layer helper of a module this method gives a block to (``None``: first-order)."""
+        return helper_for(module)
+
+    # -- construction -----------------------------------------------------------------------------------
+    def _discover_layers(self) -> None:
+        group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for name, module in self.model.named_modules():
-            helper = helper_for(module)
+            helper = self.helper_for(module)
             if helper is None:
                 continue
             try:
                 helper.check(module)
             except UnsupportedModuleError as exc:
-                warnings.warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=3)
+                warnings.warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=4)
                 continue
             params = helper.params(module)
             groups = {group_of.get(p) for p in params}
@@ -170,18 +159,19 @@ class KronOptimizer(Optimizer):
                 continue  # frozen or not optimised by this optimizer
             if len(groups) > 1:
                 raise ValueError(f"Invalid param_groups: the parameters of layer {name!r} are in different groups")
-            d_in, d_out = helper.dims(module)
-            block = self.make_block(name, module, d_in, d_out, helper.diagonal_a)
+            index: int = groups.pop()  # type: ignore[assignment]
+            block = self.make_block(name, module, helper, self.param_groups[index])
             layer = TrackedLayer(name, module, helper, block, params)
             self.layers[name] = layer
-            self.layer_groups[groups.pop()].append(layer)  # type: ignore[index]
+            self.layer_groups[index].append(layer)
 
-    def _warn_untracked(self, tracked: set[nn.Parameter], group_of: dict[nn.Parameter, int]) -> None:
+    def _warn_untracked(self, tracked: set[nn.Parameter]) -> None:
+        optimised = {p for g in self.param_groups for p in g["params"]}
         owners = sorted(
             {
                 name.rsplit(".", 1)[0] if "." in name else "<root>"
-                for p, name in self._param_names.items()
-                if p in group_of and p not in tracked
+                for p, name in self.param_names.items()
+                if p in optimised and p not in tracked
             }
         )
         if owners:
@@ -189,8 +179,27 @@ class KronOptimizer(Optimizer):
                 f"kronfac: {type(self).__name__} has no Kronecker layer helper for the parameters of {owners}; "
                 "they get the first-order update",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
+
+    def _make_sync(self, distributed: DistributedConfig | bool | None) -> CurvatureSync | None:
+        if distributed is False or (distributed in (None, True) and not process_group_active()):
+            if distributed is True:
+                raise RuntimeError("kronfac: distributed=True needs an initialised process group (torchrun)")
+            return None
+        config = distributed if isinstance(distributed, DistributedConfig) else DistributedConfig()
+        return CurvatureSync(list(self.layers.values()), self.capture, config)
+
+    def _correction_context(self) -> CorrectionContext:
+        return CorrectionContext(
+            model=self.model,
+            layers=self.layers,
+            param_names=self.param_names,
+            loss=self.options.loss,
+            loss_average=self.options.loss_average,
+            output_fn=self.options.output_fn,
+            paused_capture=self.paused_capture,
+        )
 
     # -- schedule ---------------------------------------------------------------------------------------
     def curvature_due(self, step: int | None = None) -> bool:
@@ -202,27 +211,62 @@ class KronOptimizer(Optimizer):
         else:
             self.capture.remove()
 
+    @contextmanager
+    def paused_capture(self) -> Iterator[None]:
+        """Forward and backward passes inside do not feed the curvature statistics."""
+        installed = self.capture.installed
+        self.capture.remove()
+        try:
+            yield
+        finally:
+            if installed:
+                self.capture.install()
+
     def close(self) -> None:
-        """Remove every hook this optimizer installed."""
+        """Remove every hook this optimizer (and its correction) installed."""
         self.capture.close()
+        if self.correction is not None:
+            self.correction.close()
 
-    def group_value(self, group: dict[str, Any], key: str) -> float:
-        return float(resolve(group[key], self.steps))
+    def hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A group's hyperparameters at the current step (schedules called)."""
+        return {k: resolve(v, self.steps) for k, v in group.items() if k != "params"}
 
-    @staticmethod
-    def run_closure(closure: Callable[[], Any] | None) -> Any:
-        """Evaluate ``step``'s closure with gradients enabled (``step`` itself runs under ``no_grad``)."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of the last step by phase (``forward_backward``, ``factor``, ``comm_wait``, ``inversion``,
+        ``precondition``, ``step``); measured for distributed runs only, else empty."""
+        return dict(self.sync.timings) if self.sync is not None else {}
 
-    # -- checks -----------------------------------------------------------------------------------------
-    def _name(self, p: nn.Parameter) -> str:
-        return self._param_names.get(p, "<unnamed parameter>")
+    # -- the step ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of the method (the algorithm in the class docstring).
 
-    def grads_finite(self) -> bool:
-        """Check every gradient; raise (``on_nonfinite="raise"``) or warn and return False (``"skip"``)."""
+        Args:
+            closure: re-evaluates the model and returns the loss (it runs under ``torch.enable_grad``).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.sync is not None:
+            self.sync.begin_step()
+        ok = self._gradients_finite()
+        if ok and self.curvature_due():
+            ok = self._commit_curvature()
+        if ok:
+            if self.steps % self.refresh_every == 0:
+                self.refresh()
+            steps = [self._group_step(i) for i in range(len(self.param_groups))]
+            if self.correction is not None:
+                steps = self.correction.refine(steps)
+            for group_step in steps:
+                self._apply(group_step)
+        self._finish(skipped=not ok)
+        return loss
+
+    def _gradients_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
             return True
@@ -233,23 +277,24 @@ class KronOptimizer(Optimizer):
         if bad is None:
             return True  # every entry is finite; only the norm overflowed (huge but finite gradients)
         owner = next((n for n, layer in self.layers.items() if any(q is bad for q in layer.params)), None)
-        where = f"layer {owner!r}" if owner is not None else f"parameter {self._name(bad)!r}"
+        where = f"layer {owner!r}" if owner is not None else f"parameter {self.param_names.get(bad, '?')!r}"
         return self._nonfinite(f"non-finite gradient in {where}")
 
     def _nonfinite(self, message: str) -> bool:
-        if self.on_nonfinite == "raise":
+        if self.options.on_nonfinite == "raise":
             raise FloatingPointError(f"kronfac: {message} (pass on_nonfinite='skip' to skip such steps)")
-        warnings.warn(f"kronfac: {message}; skipping", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"kronfac: {message}; skipping the step", RuntimeWarning, stacklevel=4)
         return False
 
-    def commit_curvature(self) -> None:
-        """Fold the captured statistics of every layer into its running state (on due steps)."""
-        if not self.curvature_due():
-            return
-        if self._distributed is not None:
-            self._distributed.synchronize_statistics()  # pending statistics become the global batch's
+    def _commit_curvature(self) -> bool:
+        """Reduce (when distributed), let the correction see the batch, fold it in; False if a value is bad."""
+        if self.sync is not None:
+            self.sync.reduce_statistics()
+        if self.correction is not None:
+            self.correction.before_commit()
+        ok = True
         for group, layers in zip(self.param_groups, self.layer_groups):
-            hyper = {k: resolve(v, self.steps) for k, v in group.items() if k != "params"}
+            hyper = self.hyper(group)
             for layer in layers:
                 block = layer.block
                 if not block.has_pending():
@@ -258,31 +303,103 @@ class KronOptimizer(Optimizer):
                 bad = block.pending_nonfinite()
                 if bad is not None:
                     block.discard_pending()
-                    self._nonfinite(f"non-finite values in the {bad} factor of layer {layer.name!r}")
+                    ok = ok and self._nonfinite(f"non-finite values in the {bad} statistics of layer {layer.name!r}")
                     continue
-                block.commit(**hyper)
+                failed = block.commit(**{key: hyper[key] for key in block.commit_keys})
+                if failed is not None:
+                    message = f"non-finite {failed} in the {type(self).__name__} update of layer {layer.name!r}"
+                    ok = ok and self._nonfinite(message)
+        return ok
 
-    def discard_curvature(self) -> None:
-        if self._distributed is not None:
-            self._distributed.discard()
-        for layer in self.layers.values():
-            layer.block.discard_pending()
+    def refresh(self) -> None:
+        """Refresh every block's derived state (inverses, damped diagonals) now; refresh steps do it by themselves.
+        With a process group every rank must call it."""
+        hypers = [self.hyper(group) for group in self.param_groups]
+        work = [(layer, float(h["damping"])) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
+        if self.sync is not None:
+            self.sync.refresh(work)
+        else:
+            for layer, damping in work:
+                layer.block.refresh(damping)
+        if self.correction is not None:
+            self.correction.after_refresh(
+                [(layer, h) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
+            )
 
-    def finish_step(self, skipped: bool = False) -> None:
-        """Advance the step counter and (un)install the hooks for the next step."""
+    def _group_step(self, index: int) -> GroupStep:
+        group = self.param_groups[index]
+        step = GroupStep(index, self.hyper(group))
+        hyper, correction = step.hyper, self.correction
+        weight_decay = float(hyper.get("weight_decay", 0.0))
+        mode = self.weight_decay_mode if weight_decay else None
+        layers = self.layer_groups[index] if self.layer_directions else []
+        plain = self.plain_params[index] if self.layer_directions else list(group["params"])
+        pairs: list[tuple[TrackedLayer, Tensor, Tensor]] = []
+        for layer in layers:
+            if any(p.grad is None for p in layer.params):
+                continue
+            grad = layer.helper.grad_matrix(layer.module)
+            if correction is not None:
+                grad = correction.transform(layer.name, grad, hyper)
+            if mode is WeightDecay.GRADIENT:
+                grad = grad + weight_decay * layer.helper.param_matrix(layer.module)
+            direction = correction.precondition(layer, grad) if correction is not None else None
+            if direction is None:
+                direction = self.direction(layer, grad, hyper)
+            if mode is WeightDecay.DIRECTION:
+                direction = direction + weight_decay * layer.helper.param_matrix(layer.module).to(direction.dtype)
+            pairs.append((layer, grad, direction))
+        if hyper.get("kl_clip") is not None and pairs:
+            pairs = self._kl_clip(pairs, hyper)
+        for layer, _, direction in pairs:
+            if correction is not None:
+                correction.observe(layer.name, direction, hyper)
+            step.params.extend(layer.params)
+            pieces = layer.helper.split(layer.module, direction)
+            step.directions.extend(u.to(p.dtype) for u, p in zip(pieces, layer.params))
+        for p in plain:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if correction is not None:
+                grad = correction.transform(self.param_names.get(p, "?"), grad, hyper)
+            if mode in (WeightDecay.GRADIENT, WeightDecay.DIRECTION):
+                grad = grad.add(p, alpha=weight_decay)
+            step.params.append(p)
+            step.directions.append(grad)
+        return step
+
+    @staticmethod
+    def _kl_clip(
+        pairs: list[tuple[TrackedLayer, Tensor, Tensor]], hyper: dict[str, Any]
+    ) -> list[tuple[TrackedLayer, Tensor, Tensor]]:
+        """``ν = min(1, sqrt(κ / (α² Σ <U, ∇W>)))`` over the group's layers; the directions are scaled by ν."""
+        lr, kl_clip = float(hyper["lr"]), float(hyper["kl_clip"])
+        vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for _, g, u in pairs]).sum() * lr**2
+        # A non-positive vg (lr = 0 or round-off) gives ν = 1: the step is left alone.
+        nu = (kl_clip / vg.clamp_min(1e-30)).sqrt_().clamp_max_(1.0).masked_fill_(vg <= 0, 1.0)
+        # In place unless the preconditioner handed the gradient back (no inverse yet).
+        return [(layer, g, u * nu.to(u.dtype) if u is g else u.mul_(nu.to(u.dtype))) for layer, g, u in pairs]
+
+    def _apply(self, step: GroupStep) -> None:
+        if not step.params:
+            return
+        weight_decay = float(step.hyper.get("weight_decay", 0.0))
+        if weight_decay and self.weight_decay_mode is WeightDecay.DECOUPLED:
+            torch._foreach_mul_(step.params, 1.0 - float(step.hyper["lr"]) * weight_decay)
+        self.update(step)
+
+    def _finish(self, *, skipped: bool) -> None:
         if skipped:
             self.num_skipped += 1
-            self.discard_curvature()
+            if self.sync is not None:
+                self.sync.discard()
+            for layer in self.layers.values():
+                layer.block.discard_pending()
         self.steps += 1
         self._schedule_capture()
-        if self._distributed is not None:
-            self._distributed.end_step()
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Seconds of the last step by phase (``forward_backward``, ``factor``, ``comm_wait``, ``inversion``,
-        ``precondition``, ``step``); measured for distributed runs only, else empty."""
-        return dict(self._distributed.timings) if self._distributed is not None else {}
+        if self.sync is not None:
+            self.sync.end_step()
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -296,6 +413,7 @@ class KronOptimizer(Optimizer):
             "num_skipped": self.num_skipped,
             "capture": self.capture.state_dict(),
             "layers": {name: layer.block.state_dict() for name, layer in self.layers.items()},
+            "correction": self.correction.state_dict() if self.correction is not None else {},
         }
         return state
 
@@ -317,4 +435,6 @@ class KronOptimizer(Optimizer):
             layer.block.load_state_dict(extra["layers"][name])
         self.steps, self.num_skipped = int(extra["steps"]), int(extra["num_skipped"])
         self.capture.load_state_dict(extra["capture"])
+        if self.correction is not None:
+            self.correction.load_state_dict(extra.get("correction", {}))
         self._schedule_capture()

@@ -8,16 +8,24 @@ weight decay, checkpointing) is :class:`~kronfac.KFAC`'s.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.cg_block import CGBlock
-from kronfac.optim.base import Schedule, check_positive_int, check_range
-from kronfac.optim.kfac import KFAC
+from kronfac.distributed.config import DistributedConfig
+from kronfac.layers import LayerHelper
+from kronfac.optim.kfac import KFAC, KFAC_DEFAULTS
+from kronfac.optim.options import CaptureOptions, Schedule, check_positive_int, check_range
 
-__all__ = ["CGFAC"]
+__all__ = ["CGFAC", "CGFAC_DEFAULTS"]
+
+#: CG-FAC's own defaults (the rest are K-FAC's): at most 20 iterations to relative residual 1e-4, on the rows of
+#: the last curvature batch only (``history=1``, Chen 2021's form), cold-started (``warm_start``: see the class).
+CGFAC_DEFAULTS: dict[str, Any] = {"max_iters": 20, "tol": 1e-4, "history": 1, "warm_start": False}
 
 
 class CGFAC(KFAC):
@@ -50,8 +58,9 @@ class CGFAC(KFAC):
             has large components (up to ``1/λ`` times the gradient) outside the span of the current batch's rows,
             where the residual is only ``λ U`` and CG hardly corrects them; on the digits MLP benchmark task
             (λ = 1e-3) warm-started CG-FAC diverged while cold-started CG-FAC trained well.
-        **kwargs: curvature options of :class:`~kronfac.optim.base.KronOptimizer` (``fisher_type``, ``loss``,
-            ``approx``, ``on_nonfinite``, ``factor_dtype``, ``param_groups``, ...).
+        distributed: as for :class:`~kronfac.KFAC` (the rows of every rank are gathered).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
+            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -65,42 +74,51 @@ class CGFAC(KFAC):
     def __init__(
         self,
         model: nn.Module,
-        lr: Schedule = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        damping: Schedule = 1e-3,
-        max_iters: int = 20,
-        tol: float = 1e-4,
-        factor_decay: float = 0.95,
-        factor_every: int = 1,
-        kl_clip: float | None = 1e-3,
+        lr: Schedule = KFAC_DEFAULTS["lr"],
+        momentum: float = KFAC_DEFAULTS["momentum"],
+        weight_decay: float = KFAC_DEFAULTS["weight_decay"],
+        damping: Schedule = KFAC_DEFAULTS["damping"],
+        max_iters: int = CGFAC_DEFAULTS["max_iters"],
+        tol: float = CGFAC_DEFAULTS["tol"],
+        factor_decay: float = KFAC_DEFAULTS["factor_decay"],
+        factor_every: int = KFAC_DEFAULTS["factor_every"],
+        kl_clip: float | None = KFAC_DEFAULTS["kl_clip"],
         *,
-        history: int = 1,
-        warm_start: bool = False,
-        **kwargs: Any,
+        history: int = CGFAC_DEFAULTS["history"],
+        warm_start: bool = CGFAC_DEFAULTS["warm_start"],
+        distributed: DistributedConfig | bool | None = None,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fisher_type: str = "empirical",
+        loss: str = "cross_entropy",
+        loss_average: str | None = "batch",
+        approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = 0,
+        grad_scaler: Any = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        on_nonfinite: str = "raise",
+        factor_dtype: torch.dtype | None = None,
     ) -> None:
         check_positive_int("max_iters", max_iters)
         check_range("tol", tol, 0.0)
         check_positive_int("history", history)
-        for key in ("inverse", "inverse_every", "correction", "distributed"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"Invalid {key}: CGFAC solves by CG on the batch rows and takes no {key}")
-            kwargs.pop(key, None)
-        self.max_iters, self.tol, self.history, self.warm_start = max_iters, float(tol), history, warm_start
+        self.max_iters, self.tol, self.history, self.warm_start = max_iters, float(tol), history, bool(warm_start)
         super().__init__(
             model,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            damping=damping,
-            factor_decay=factor_decay,
-            factor_every=factor_every,
-            inverse_every=1,
-            kl_clip=kl_clip,
-            **kwargs,
+            lr,
+            momentum,
+            weight_decay,
+            damping,
+            factor_decay,
+            factor_every,
+            1,  # the solve takes the current damping every step; there is nothing to invert
+            kl_clip,
+            distributed=distributed,
+            **CaptureOptions.keywords(locals()),
         )
 
-    def make_block(self, name: str, module: nn.Module, d_in: int, d_out: int, diagonal_a: bool) -> CurvatureBlock:
+    def make_block(self, name: str, module: nn.Module, helper: LayerHelper, group: dict[str, Any]) -> CurvatureBlock:
+        d_in, d_out = helper.dims(module)
         return CGBlock(
             d_in,
             d_out,
@@ -108,17 +126,10 @@ class CGFAC(KFAC):
             tol=self.tol,
             history=self.history,
             warm_start=self.warm_start,
-            diagonal_a=diagonal_a,
-            approx=self.approx,
-            dtype=self.factor_dtype,
+            diagonal_a=helper.diagonal_a,
+            approx=self.options.approx,
+            dtype=self.options.statistics_dtype(helper.params(module)[0]),
         )
-
-    def refresh_inverses(self) -> None:
-        """Hand each block the current damping (called every step; there is nothing to invert)."""
-        for group, layers in zip(self.param_groups, self.layer_groups):
-            damping = self.group_value(group, "damping")
-            for layer in layers:
-                layer.block.refresh(damping=damping)  # type: ignore[attr-defined]
 
     def state_bytes(self) -> int:
         """Bytes of curvature state held between steps, over all layers (rows plus warm-start solutions)."""

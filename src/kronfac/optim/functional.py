@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["momentum_update_"]
+__all__ = ["adafisher_update_", "momentum_update_"]
 
 
 def momentum_update_(
@@ -38,3 +38,32 @@ def momentum_update_(
         torch._foreach_mul_(old, momentum)
         torch._foreach_add_(old, new)
     torch._foreach_add_(params, [state[p]["momentum_buffer"] for p in params], alpha=-lr)
+
+
+def adafisher_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    fishers: list[Tensor | None],
+    state: dict[Any, dict[str, Any]],
+    *,
+    lr: float,
+    beta: float,
+) -> None:
+    """One AdaFisher step for a list of parameters (``fishers[i] is None`` means ``F = 1``).
+
+    ``m <- β m + (1-β) g``, ``m̂ = m / (1 - β^t)`` with ``t`` the parameter's own step count,
+    ``θ <- θ - lr m̂ / F``. Weight decay is the caller's (coupled into ``g``, or decoupled before this call).
+    """
+    for p, g, f in zip(params, grads, fishers):
+        pstate = state[p]
+        if "exp_avg" not in pstate:
+            pstate["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            pstate["step"] = 0
+        pstate["step"] += 1
+        exp_avg = pstate["exp_avg"]
+        exp_avg.mul_(beta).add_(g, alpha=1.0 - beta)
+        step_size = lr / (1.0 - beta ** pstate["step"])
+        if f is None:
+            p.add_(exp_avg, alpha=-step_size)
+        else:
+            p.addcdiv_(exp_avg, f.to(p.dtype), value=-step_size)

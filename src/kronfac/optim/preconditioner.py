@@ -1,35 +1,43 @@
 """``KFACPreconditioner``: K-FAC's curvature in front of any torch optimizer.
 
 ``pre.step()`` replaces each parameter's ``.grad`` by its K-FAC direction (with KL clipping when ``kl_clip``
-is set); the wrapped optimizer (SGD, Adam, ...) then applies its own update rule to it.
+is set); the wrapped optimizer (SGD, Adam, ...) then applies its own update rule to it. It is :class:`KFAC` with
+an update kernel that writes the directions into ``.grad`` instead of moving the parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from kronfac.optim.base import Schedule
-from kronfac.optim.kfac import KFAC
+from kronfac.distributed.config import DistributedConfig
+from kronfac.linalg.base import InverseConfig
+from kronfac.optim.corrections.base import Correction
+from kronfac.optim.kfac import KFAC, KFAC_DEFAULTS
+from kronfac.optim.options import CaptureOptions, Schedule
+from kronfac.optim.types import GroupStep
 
 __all__ = ["KFACPreconditioner"]
 
 
-class KFACPreconditioner:
-    """Precondition ``.grad`` in place with K-FAC.
+class KFACPreconditioner(KFAC):
+    """Precondition ``.grad`` in place with K-FAC (no momentum, no weight decay: those are the wrapped optimizer's).
 
     Args:
         model: the model whose layers are preconditioned.
-        damping, factor_decay, factor_every, inverse_every, kl_clip: as for :class:`~kronfac.KFAC`.
+        damping, factor_decay, factor_every, inverse_every, kl_clip, inverse, correction, distributed: as for
+            :class:`~kronfac.KFAC` (``kl_clip`` is off by default here).
         lr: learning rate assumed by the KL clip (ignored when ``kl_clip`` is None).
-        **kwargs: further options of :class:`~kronfac.KFAC` (``inverse``, ``fisher_type``, ...).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
+            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
         >>> model = torch.nn.Linear(4, 2)
-        >>> pre = kronfac.KFACPreconditioner(model, damping=1e-2, kl_clip=None)
+        >>> pre = kronfac.KFACPreconditioner(model, damping=1e-2)
         >>> sgd = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> pre.step(); sgd.step()
@@ -39,53 +47,45 @@ class KFACPreconditioner:
         self,
         model: nn.Module,
         *,
-        damping: Schedule = 1e-3,
-        factor_decay: float = 0.95,
-        factor_every: int = 1,
-        inverse_every: int = 10,
+        damping: Schedule = KFAC_DEFAULTS["damping"],
+        factor_decay: float = KFAC_DEFAULTS["factor_decay"],
+        factor_every: int = KFAC_DEFAULTS["factor_every"],
+        inverse_every: int = KFAC_DEFAULTS["inverse_every"],
         kl_clip: float | None = None,
         lr: Schedule = 1.0,
-        **kwargs: Any,
+        inverse: InverseConfig | None = None,
+        correction: Correction | None = None,
+        distributed: DistributedConfig | bool | None = None,
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        fisher_type: str = "empirical",
+        loss: str = "cross_entropy",
+        loss_average: str | None = "batch",
+        approx: str = "expand",
+        mc_samples: int = 1,
+        seed: int = 0,
+        grad_scaler: Any = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        on_nonfinite: str = "raise",
+        factor_dtype: torch.dtype | None = None,
     ) -> None:
-        self._kfac = KFAC(
+        super().__init__(
             model,
-            lr=lr,
-            momentum=0.0,
-            weight_decay=0.0,
-            damping=damping,
-            factor_decay=factor_decay,
-            factor_every=factor_every,
-            inverse_every=inverse_every,
-            kl_clip=kl_clip,
-            **kwargs,
+            lr,
+            0.0,
+            0.0,
+            damping,
+            factor_decay,
+            factor_every,
+            inverse_every,
+            kl_clip,
+            inverse=inverse,
+            correction=correction,
+            distributed=distributed,
+            **CaptureOptions.keywords(locals()),
         )
 
-    @property
-    def layers(self) -> dict[str, Any]:
-        return self._kfac.layers
-
-    @property
-    def steps(self) -> int:
-        return self._kfac.steps
-
-    @torch.no_grad()
-    def step(self) -> bool:
-        """Precondition the gradients in place. Returns False when the step was skipped (non-finite grads)."""
-        per_group = self._kfac.preconditioned_updates()
-        if not per_group:
-            return False
-        for params, updates in per_group:
-            for p, u in zip(params, updates):
-                if p.grad is not u:
-                    p.grad.copy_(u)  # type: ignore[union-attr]
-        self._kfac.finish_step()
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._kfac.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._kfac.load_state_dict(state_dict)
-
-    def close(self) -> None:
-        self._kfac.close()
+    def update(self, step: GroupStep) -> None:
+        """Write the directions into ``.grad`` (the wrapped optimizer applies them)."""
+        for p, direction in zip(step.params, step.directions):
+            if p.grad is not direction:
+                p.grad.copy_(direction)  # type: ignore[union-attr]

@@ -89,8 +89,13 @@ class StructuredMatrix(ABC):
         eye = cls.identity(dim, dtype=dtype, device=device, **params)
         return eye.scale(0.0)
 
-    def _new(self: S, tensors: dict[str, Tensor]) -> S:
+    def with_tensors(self: S, tensors: dict[str, Tensor]) -> S:
+        """A matrix of this structure and structural parameters stored in ``tensors`` (as :meth:`tensors`)."""
         return type(self).from_tensors(tensors, **self.structure_params())
+
+    def zeros_like(self: S) -> S:
+        """The zero matrix with this object's structure, dtype and device."""
+        return self.with_tensors({k: torch.zeros_like(v) for k, v in self.tensors().items()})
 
     def like(self: S, mat: Tensor) -> S:
         """``P_S(mat)`` with this object's structural parameters."""
@@ -105,10 +110,10 @@ class StructuredMatrix(ABC):
         return next(iter(self.tensors().values())).device
 
     def to(self: S, dtype: torch.dtype | None = None, device: Any = None) -> S:
-        return self._new({k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()})
+        return self.with_tensors({k: v.to(dtype=dtype, device=device) for k, v in self.tensors().items()})
 
     def clone(self: S) -> S:
-        return self._new({k: v.clone() for k, v in self.tensors().items()})
+        return self.with_tensors({k: v.clone() for k, v in self.tensors().items()})
 
     def num_params(self) -> int:
         """Number of stored scalars (the memory of one matrix in this structure, in elements)."""
@@ -119,15 +124,15 @@ class StructuredMatrix(ABC):
 
     def scale(self: S, alpha: float | Tensor) -> S:
         """``alpha * self``."""
-        return self._new({k: v * alpha for k, v in self.tensors().items()})
+        return self.with_tensors({k: v * alpha for k, v in self.tensors().items()})
 
     def add(self: S, other: S, alpha: float | Tensor = 1.0) -> S:
         """``self + alpha * other`` (same structure and structural parameters)."""
         self._check_same(other)
         mine, theirs = self.tensors(), other.tensors()
         if isinstance(alpha, Tensor):  # a 0-dim tensor coefficient: one fused pass, no host synchronisation
-            return self._new({k: torch.addcmul(mine[k], theirs[k], alpha) for k in mine})
-        return self._new({k: torch.add(mine[k], theirs[k], alpha=alpha) for k in mine})
+            return self.with_tensors({k: torch.addcmul(mine[k], theirs[k], alpha) for k in mine})
+        return self.with_tensors({k: torch.add(mine[k], theirs[k], alpha=alpha) for k in mine})
 
     def __add__(self: S, other: S) -> S:
         return self.add(other)

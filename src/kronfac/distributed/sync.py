@@ -1,19 +1,22 @@
-"""The distributed K-FAC engine: plugs a :class:`DistributedConfig` strategy into a :class:`~kronfac.KFAC`.
+"""Curvature across data-parallel ranks: the communicator that the optimizer hands its curvature commit and its
+refresh. It knows blocks, the capture and configs, never an optimizer.
 
 Data-parallel ranks hold equal local batches; DDP averages their gradients. Each rank's batch statistics are
 sums over its rows (``Σ a a^T`` with its row count; ``M_r Σ ∇_out ∇_out^T`` with its sample count, where
 ``∇_out = g / M_r`` is the output gradient of the local loss averaged over ``M_r`` local rows). Summing sums and
 counts over ranks gives ``A = Σ_all a a^T / Σ_all rows`` and ``G = (1/M) Σ_all g g^T`` with ``M = Σ_r M_r``:
-exactly the factors single-process K-FAC computes for the global batch whose loss is the mean over all
-``W M_r`` rows (the loss DDP's averaged gradient belongs to). Inverses and steps then match too.
+exactly the factors a single process computes for the global batch whose loss is the mean over all ``W M_r``
+rows (the loss DDP's averaged gradient belongs to). The same holds for every block whose statistics are sums
+(AdaFisher's diagonals, SINGD's projections ``Π(K^T A K)``, which are linear in ``A``); blocks that keep rows
+(CG-FAC) concatenate them in rank order. Inverses and steps then match too.
 
 Strategies (Shi, Zhang and Li, ICDCS 2021; Pauloski et al., SC 2021):
 
-- ``naive``: after backward, one blocking all-reduce per factor (full matrices), every rank inverts every
-  factor;
+- ``naive``: after backward, one blocking all-reduce per statistic (full matrices), every rank refreshes every
+  block;
 - ``spd``: each layer's statistics are written into a fused buffer from the capture hook that completes them
-  and sent bucket by bucket while backward continues (waited for only before the update); large factors are
-  inverted once, by the rank :class:`WorkAssignment` names, and broadcast; small ones everywhere.
+  and sent bucket by bucket while backward continues (waited for only before the update); large K-FAC factors
+  are inverted once, by the rank :class:`WorkAssignment` names, and broadcast; small ones everywhere.
 """
 
 from __future__ import annotations
@@ -21,103 +24,113 @@ from __future__ import annotations
 import warnings
 import zlib
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kronfac.curvature.capture import TrackedLayer
-from kronfac.curvature.factors import KroneckerFactors
+from kronfac.curvature.block import CurvatureBlock, PendingStatistics
+from kronfac.curvature.capture import Capture, TrackedLayer
+from kronfac.curvature.kfac_block import KFACBlock
 from kronfac.distributed.assignment import FactorSpec, WorkAssignment
 from kronfac.distributed.communicator import Communicator, FusionPlan, PipelinedAllReduce
 from kronfac.distributed.config import DistributedConfig, Strategy
 from kronfac.distributed.inverse_parts import FactorwiseInverse
 from kronfac.distributed.payload import StatisticsPayload
 
-if TYPE_CHECKING:
-    from kronfac.optim.kfac import KFAC
+__all__ = ["TIMING_KEYS", "CurvatureSync", "process_group_active"]
 
-__all__ = ["TIMING_KEYS", "DistributedKFAC"]
-
-#: Keys of :attr:`DistributedKFAC.timings` (seconds of the last step).
+#: Keys of :attr:`CurvatureSync.timings` (seconds of the last step).
 TIMING_KEYS = ("forward_backward", "factor", "comm_wait", "inversion", "precondition", "step")
 
 
-class DistributedKFAC:
-    """Runs K-FAC's curvature work across ranks for one optimizer (built by ``KFAC(..., distributed=...)``).
+def process_group_active() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CurvatureSync:
+    """Reduces every layer's batch statistics over the ranks and shares the refresh work among them.
+
+    Built by the optimizer (``distributed=`` of every kronfac optimizer; by default whenever a process group
+    with more than one rank is initialised).
 
     Args:
-        optimizer: the K-FAC optimizer (its layers and capture are set up).
+        layers: the tracked layers (their blocks are reduced).
+        capture: the capture that feeds them (spd sends a layer's statistics from its completion callback).
         config: the strategy.
 
     Raises:
         RuntimeError: no process group is initialised.
         ValueError: the ranks hold different models or configs.
-        TypeError: a layer's block does not keep Kronecker factors.
     """
 
-    def __init__(self, optimizer: KFAC, config: DistributedConfig) -> None:
-        self.opt, self.config = optimizer, config
+    def __init__(self, layers: list[TrackedLayer], capture: Capture, config: DistributedConfig) -> None:
+        self.config, self.capture = config, capture
         self.comm = Communicator(timeout=config.timeout, backend=config.backend)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.layers: list[TrackedLayer] = list(optimizer.layers.values())
-        for layer in self.layers:
-            if not isinstance(layer.block, KroneckerFactors):
-                raise TypeError(f"kronfac: distributed K-FAC needs Kronecker factors; layer {layer.name!r} has none")
+        self.layers = layers
         self.spd = config.strategy is Strategy.SPD
         self._check_same_model()
-        self.payloads = {
-            layer.name: StatisticsPayload(self._block(layer), triangular=self.spd) for layer in self.layers
-        }
-        first = self._block(self.layers[0]) if self.layers else None
-        self.dtype = first.dtype if first is not None else torch.float32
-        self.device = next((p.device for layer in self.layers for p in layer.params), torch.device("cpu"))
+        fused = [layer for layer in layers if StatisticsPayload.supports(layer.block)]
+        #: Layers whose statistics are rows of varying length (CG-FAC): gathered, never fused.
+        self.gathered = [layer for layer in layers if layer not in fused]
+        self.payloads = {layer.name: StatisticsPayload(layer.block, triangular=self.spd) for layer in fused}
+        first = layers[0].block if layers else None
+        self.dtype = getattr(first, "dtype", torch.float32)
+        self.device = next((p.device for layer in layers for p in layer.params), torch.device("cpu"))
         self.factorwise: FactorwiseInverse | None = None
-        specs = []
-        for layer in self.layers:
-            block = self._block(layer)
-            specs.append(FactorSpec(layer.name, "A", block.d_in, block.diagonal_a))
-            specs.append(FactorSpec(layer.name, "G", block.d_out))
-        threshold = config.small_factor_threshold
-        self.assignment = WorkAssignment(specs, self.world_size, small_factor_threshold=threshold)
+        self.assignment: WorkAssignment | None = None
+        placed = [layer for layer in layers if isinstance(layer.block, KFACBlock)]
+        if self.spd and placed and len(placed) == len(layers):
+            self._place([layer.block for layer in placed])  # type: ignore[misc]
         if self.spd:
-            if FactorwiseInverse.supports(optimizer.inverse_config):
-                self.factorwise = FactorwiseInverse(optimizer.inverse_config)
-            else:
-                warnings.warn(
-                    f"kronfac: no per-factor split for {type(optimizer.inverse_config).__name__}: every rank "
-                    "inverts every factor (placement needs EighConfig or CholeskyConfig)",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            order = [layer.name for layer in reversed(self.layers)]
-            self._set_plan(order)
+            self._set_plan([name for name in reversed(list(self.payloads))])
             self._order_learned = not config.learn_order
             self._completed: list[str] = []
-        optimizer.capture.listener = self  # completions drive spd; both strategies time the capture hooks
+        capture.listener = self  # completions drive spd; both strategies time the capture hooks
         self._round: PipelinedAllReduce | None = None
         self._written: dict[str, tuple[int, int]] = {}
         # "hooks": factor time inside forward/backward (capture hooks, packing); "factor": inside step().
         self._acc = dict.fromkeys(("hooks", "factor", "comm_wait", "inversion", "curvature"), 0.0)
-        self._synced = False  # statistics of the current step already reduced
         self._step_begin: float | None = None
         self._last_end: float | None = None
         self.timings: dict[str, float] = {}
 
-    @staticmethod
-    def _block(layer: TrackedLayer) -> KroneckerFactors:
-        assert isinstance(layer.block, KroneckerFactors)
-        return layer.block
+    def _place(self, blocks: list[KFACBlock]) -> None:
+        configs = {type(block.inverse_config) for block in blocks}
+        config = blocks[0].inverse_config
+        if len(configs) != 1 or not FactorwiseInverse.supports(config):
+            warnings.warn(
+                f"kronfac: no per-factor split for {type(config).__name__}: every rank inverts every factor "
+                "(placement needs EighConfig or CholeskyConfig)",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+        self.factorwise = FactorwiseInverse(config)
+        specs = []
+        for layer in self.layers:
+            block = layer.block
+            assert isinstance(block, KFACBlock)
+            specs.append(FactorSpec(layer.name, "A", block.d_in, block.diagonal_a))
+            specs.append(FactorSpec(layer.name, "G", block.d_out))
+        threshold = self.config.small_factor_threshold
+        self.assignment = WorkAssignment(specs, self.world_size, small_factor_threshold=threshold)
 
     # -- start-up checks --------------------------------------------------------------------------------
     def _signature(self) -> list[str]:
         config = self.config
         head = f"strategy={Strategy(config.strategy).value} bucket_bytes={config.bucket_bytes} "
-        head += f"small_factor_threshold={config.small_factor_threshold} dtype={self.opt.factor_dtype}"
+        head += f"small_factor_threshold={config.small_factor_threshold}"
         items = [head]
         for layer in self.layers:
-            block = self._block(layer)
-            items.append(f"layer {layer.name!r}: d_in={block.d_in} d_out={block.d_out} diag={block.diagonal_a}")
+            d_in, d_out = layer.helper.dims(layer.module)
+            block = layer.block
+            items.append(
+                f"layer {layer.name!r}: {type(block).__name__} d_in={d_in} d_out={d_out} "
+                f"diag={layer.helper.diagonal_a} dtype={getattr(block, 'dtype', None)}"
+            )
         return items
 
     def _check_same_model(self) -> None:
@@ -152,10 +165,10 @@ class DistributedKFAC:
 
     def statistics_complete(self, layer: TrackedLayer) -> None:
         """Capture callback: write the layer's sums into its segment and send every bucket that is full."""
-        if not self.spd:
+        payload, name = self.payloads.get(layer.name), layer.name
+        if not self.spd or payload is None:
             return
         start = perf_counter()
-        payload, name = self.payloads[layer.name], layer.name
         current = self._open_round()
         if current.launched(name) or not payload.has_data():
             return  # already sent (a further backward pass): the sync step re-sends it
@@ -207,13 +220,13 @@ class DistributedKFAC:
 
     # -- naive statistics -------------------------------------------------------------------------------
     def _reduce_each(self, names: list[str], *, fused: bool) -> None:
-        """Blocking all-reduce of the named layers' full payloads (one message, or one per factor)."""
+        """Blocking all-reduce of the named layers' full payloads (one message, or one per statistic)."""
         if fused:
             sizes = [self.payloads[n].numel for n in names]
             flat = torch.zeros(sum(sizes), dtype=self.dtype, device=self.device)
             for name, part in zip(names, flat.split(sizes)):
                 self.payloads[name].write(part)
-            self._acc["comm_wait"] += self.comm.wait(self.comm.all_reduce(flat, "re-sent K-FAC statistics"))
+            self._acc["comm_wait"] += self.comm.wait(self.comm.all_reduce(flat, "re-sent curvature statistics"))
             for name, part in zip(names, flat.split(sizes)):
                 self.payloads[name].read(part)
             return
@@ -221,24 +234,45 @@ class DistributedKFAC:
             payload = self.payloads[name]
             flat = torch.zeros(payload.numel, dtype=self.dtype, device=self.device)
             payload.write(flat)
-            a_end = payload.COUNTS + payload.a_numel
-            # One blocking message per factor (A with both counts, then G), as naive distributed K-FAC does.
-            for piece, what in ((flat[:a_end], "A"), (flat[a_end:], "G")):
-                handle = self.comm.all_reduce(piece, f"the {what} factor of layer {name!r}")
+            # One blocking message per statistic (the first with both counts), as naive distributed K-FAC does.
+            for what, start, end in payload.spans():
+                handle = self.comm.all_reduce(flat[start:end], f"the {what} statistics of layer {name!r}")
                 self._acc["comm_wait"] += self.comm.wait(handle)
             payload.read(flat)
 
-    # -- hooks called by the optimizer ------------------------------------------------------------------
-    def synchronize_statistics(self) -> None:
-        """Make every rank's pending statistics the global ones (on curvature steps, once per step)."""
-        if self._synced:
-            return
-        self._synced = True
+    def _gather_rows(self, layer: TrackedLayer) -> None:
+        """All-gather a layer's rows (padded to the longest rank's) and sums; rows are concatenated by rank."""
+        mine = layer.block.pending_statistics()
+        names = sorted(mine.rows)
+        lengths = torch.tensor([mine.a_count, mine.g_count, *(mine.rows[n].shape[0] for n in names)])
+        if dist.get_backend(self.comm.group) == "nccl":
+            lengths = lengths.to(self.device)
+        every = torch.stack(self.comm.all_gather(lengths, f"the row counts of layer {layer.name!r}")).cpu()
+        rows: dict[str, torch.Tensor] = {}
+        for k, name in enumerate(names):
+            local, longest = mine.rows[name], int(every[:, 2 + k].max())
+            padded = local.new_zeros((longest, *local.shape[1:]))
+            padded[: local.shape[0]] = local
+            parts = self.comm.all_gather(padded, f"the {name} rows of layer {layer.name!r}")
+            rows[name] = torch.cat([part[: int(n)] for part, n in zip(parts, every[:, 2 + k])])
+        sums = {}
+        for name, tensor in mine.sums.items():
+            total = tensor.clone()
+            self._acc["comm_wait"] += self.comm.wait(self.comm.all_reduce(total, f"the {name} sums of {layer.name!r}"))
+            sums[name] = total
+        counts = every[:, :2].sum(0).tolist()
+        layer.block.set_pending_statistics(PendingStatistics(int(counts[0]), int(counts[1]), sums=sums, rows=rows))
+
+    # -- called by the optimizer ------------------------------------------------------------------------
+    def reduce_statistics(self) -> None:
+        """Make every rank's pending statistics the global ones (once per curvature step, before the commit)."""
         start = perf_counter()
         if self.spd:
             self._sync_spd()
         else:
-            self._reduce_each([layer.name for layer in self.layers], fused=False)
+            self._reduce_each(list(self.payloads), fused=False)
+        for layer in self.gathered:
+            self._gather_rows(layer)
         self._end_round()
         self._acc["curvature"] += perf_counter() - start
 
@@ -252,42 +286,41 @@ class DistributedKFAC:
     def _end_round(self) -> None:
         self._round = None
         self._written.clear()
-        self._acc["hooks"] += self.opt.capture.factor_seconds
-        self.opt.capture.reset_completion()
+        self._acc["hooks"] += self.capture.factor_seconds
+        self.capture.reset_completion()
 
-    def refresh_inverses(self) -> None:
-        """Recompute every layer's inverse: owners invert and broadcast, small factors everywhere (spd)."""
+    def refresh(self, work: list[tuple[TrackedLayer, float]]) -> None:
+        """Refresh every ``(layer, damping)``: with spd placement, owners invert and broadcast and small factors
+        are inverted everywhere; otherwise every rank refreshes every block (the same reduced statistics give
+        the same result on every rank)."""
         start = perf_counter()
         if self.factorwise is None:
-            for group, layers in zip(self.opt.param_groups, self.opt.layer_groups):
-                damping = self.opt.group_value(group, "damping")
-                for layer in layers:
-                    layer.block.refresh(damping=damping)  # type: ignore[attr-defined]
+            for layer, damping in work:
+                block = layer.block
+                assert isinstance(block, CurvatureBlock)
+                block.refresh(damping)
             self._acc["inversion"] += perf_counter() - start
-            self._acc["curvature"] += perf_counter() - start
-            return
-        self._refresh_placed()
+        else:
+            self._refresh_placed(work)
         self._acc["curvature"] += perf_counter() - start
 
-    def _refresh_placed(self) -> None:
-        factorwise = self.factorwise
-        assert factorwise is not None
-        damping: dict[str, float] = {}
-        for group, layers in zip(self.opt.param_groups, self.opt.layer_groups):
-            for layer in layers:
-                damping[layer.name] = self.opt.group_value(group, "damping")
-        blocks = {layer.name: self._block(layer) for layer in self.layers}
+    def _refresh_placed(self, work: list[tuple[TrackedLayer, float]]) -> None:
+        factorwise, assignment = self.factorwise, self.assignment
+        assert factorwise is not None and assignment is not None
+        damping = {layer.name: d for layer, d in work}
+        blocks: dict[str, KFACBlock] = {layer.name: layer.block for layer, _ in work}  # type: ignore[misc]
         active = {n for n, b in blocks.items() if b.a_factor is not None and b.g_factor is not None}
         pieces: dict[tuple[str, str], torch.Tensor] = {}
         tick = perf_counter()
-        owned = [s for s in self.assignment.owned(self.rank) if s.layer in active]
-        for spec in owned:
-            pieces[(spec.layer, spec.factor)] = factorwise.compute(blocks[spec.layer], spec.factor, damping[spec.layer])
+        for spec in assignment.owned(self.rank):
+            if spec.layer in active:
+                block = blocks[spec.layer]
+                pieces[(spec.layer, spec.factor)] = factorwise.compute(block, spec.factor, damping[spec.layer])
         elapsed = perf_counter() - tick
         handles, buffers = [], []
         dtype = torch.promote_types(self.dtype, torch.float32)
         for src in range(self.world_size):
-            specs = [s for s in self.assignment.owned(src) if s.layer in active]
+            specs = [s for s in assignment.owned(src) if s.layer in active]
             if not specs:
                 continue
             if src == self.rank:
@@ -295,10 +328,9 @@ class DistributedKFAC:
             else:
                 flat = torch.empty(sum(factorwise.numel(s.dim) for s in specs), dtype=dtype, device=self.device)
             buffers.append((specs, flat))
-            if self.world_size > 1:
-                handles.append(self.comm.broadcast(flat, src, f"the K-FAC inverses owned by rank {src}"))
+            handles.append(self.comm.broadcast(flat, src, f"the K-FAC inverses owned by rank {src}"))
         tick = perf_counter()
-        for spec in self.assignment.replicated():
+        for spec in assignment.replicated():
             if spec.layer in active:
                 block = blocks[spec.layer]
                 pieces[(spec.layer, spec.factor)] = factorwise.compute(block, spec.factor, damping[spec.layer])
@@ -307,12 +339,12 @@ class DistributedKFAC:
         for specs, flat in buffers:
             for spec, piece in zip(specs, flat.split([factorwise.numel(s.dim) for s in specs])):
                 pieces[(spec.layer, spec.factor)] = piece
-        for name in sorted(active, key=[layer.name for layer in self.layers].index):
-            block = blocks[name]
-            both = {"A": pieces[(name, "A")], "G": pieces[(name, "G")]}
-            inverse = factorwise.assemble(block, both, damping[name], name)
-            if inverse is not None:
-                block.inverse = inverse  # type: ignore[attr-defined]
+        for layer, _ in work:
+            if layer.name in active:
+                both = {"A": pieces[(layer.name, "A")], "G": pieces[(layer.name, "G")]}
+                inverse = factorwise.assemble(blocks[layer.name], both, damping[layer.name], layer.name)
+                if inverse is not None:
+                    blocks[layer.name].adopt_inverse(inverse)
 
     # -- timing -----------------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -321,7 +353,6 @@ class DistributedKFAC:
     def end_step(self) -> None:
         """Close the step's time breakdown (see :attr:`timings`)."""
         now = perf_counter()
-        self._synced = False
         if self._step_begin is None:
             return
         acc = self._acc
