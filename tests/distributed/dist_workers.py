@@ -236,3 +236,57 @@ def timeout_worker(rank: int, world: int, timeout: float, mode: str) -> dict:
 
 
 timeout_worker.hard_exit = True  # type: ignore[attr-defined]
+
+
+# -- every registered optimizer under plain DDP, default arguments ------------------------------------------
+REPLICA_STEPS = 4
+
+
+def replica_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 8),
+        nn.LayerNorm(8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    ).double()
+
+
+def replica_data(world: int) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    n = world * LOCAL_BATCH
+    return [
+        (torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen))
+        for _ in range(REPLICA_STEPS)
+    ]
+
+
+def replica_train(name: str, world: int, rows: slice, ddp: bool, **overrides: Any) -> Tensor:
+    """Train the registry's ``name`` (default distributed handling) and return its flat parameters."""
+    import warnings
+
+    from settings import OPTIMIZERS
+
+    model = replica_model()
+    run: nn.Module = DistributedDataParallel(model) if ddp else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # first-order fallbacks and placement notes
+        opt = OPTIMIZERS[name](model, **overrides)
+        for x, y in replica_data(world):
+            opt.zero_grad()
+            nn.functional.cross_entropy(run(x[rows]), y[rows]).backward()
+            opt.step()
+    close = getattr(opt, "close", None)
+    if close is not None:
+        close()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def replica_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    result = {name: replica_train(name, world, rows, ddp=True) for name in names}
+    result["kfac per-rank"] = replica_train("kfac", world, rows, ddp=True, distributed=False)
+    return result

@@ -276,6 +276,16 @@ class CurvatureSync:
         self._end_round()
         self._acc["curvature"] += perf_counter() - start
 
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks (one fused blocking all-reduce)."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+        self._acc["comm_wait"] += self.comm.wait(self.comm.all_reduce(flat, "averaged correction terms"))
+        flat /= self.world_size
+        for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            tensor.copy_(part.reshape(tensor.shape))
+
     def discard(self) -> None:
         """A skipped step: finish the round's collectives (every rank skips alike) and drop the statistics."""
         if self._round is not None:

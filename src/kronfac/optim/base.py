@@ -49,6 +49,10 @@ class WeightDecay(str, Enum):
     DECOUPLED = "decoupled"
 
 
+def _keep(tensors: list[Tensor]) -> None:
+    """One process: the local batch is the global one."""
+
+
 class KronOptimizer(Optimizer):
     """Shared machinery of Kronecker-factored optimizers (see the module docstring for the step).
 
@@ -199,6 +203,7 @@ class KronOptimizer(Optimizer):
             loss_average=self.options.loss_average,
             output_fn=self.options.output_fn,
             paused_capture=self.paused_capture,
+            average=self.sync.average_ if self.sync is not None else _keep,
         )
 
     # -- schedule ---------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ class CorrectionContext:
         loss_average: rows the loss is averaged over.
         output_fn: picks the logits from a model output that is not a tensor (``None``: the first tensor).
         paused_capture: a context manager inside which forward passes do not feed the curvature statistics.
+        average: replaces tensors in place by their mean over the data-parallel ranks (a no-op in one process),
+            for terms a correction computes from the local batch (so DDP replicas stay identical).
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class CorrectionContext:
     loss_average: LossAverage
     output_fn: Callable[[Any], Tensor] | None
     paused_capture: Callable[[], AbstractContextManager[None]]
+    average: Callable[[list[Tensor]], None]
 
     def named_layers(self) -> Iterator[tuple[str, TrackedLayer]]:
         return iter(self.layers.items())

@@ -169,12 +169,15 @@ class WakeRefinement:
             frozen = {n: t for n, t in current.items() if n not in theta}
             out = self._output({**frozen, **theta})
             kl_grads: dict[str, Tensor] = {}
-            value = 0.0
+            kl_values = []
             for key, s in active.items():
                 kl = torch.stack([wj * self._kl(t, out) for wj, t in zip(weights[key], targets)]).sum()
                 own = [n for n, s2, _ in meta if s2 is s]
                 kl_grads.update(zip(own, torch.autograd.grad(kl, [theta[n] for n in own], retain_graph=True)))
-                value += float(kl.detach()) / float(s.hyper["lr"])
+                kl_values.append(kl.detach().reshape(1))
+            # the KL terms are of the local batch: their means over the ranks are the global batch's
+            self.context.average([*kl_values, *kl_grads.values()])
+            value = sum(float(kl) / float(s.hyper["lr"]) for kl, s in zip(kl_values, active.values()))
             with torch.no_grad():
                 model_terms = self._model_terms(theta, current)
                 gradients = {}
