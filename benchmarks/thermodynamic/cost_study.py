@@ -14,14 +14,14 @@ import time
 
 from common import HERE, write_results
 
-from kronfac.linalg.thermodynamic.cost import CostModel, crossover_width, sweep
-from kronfac.linalg.thermodynamic.report import (
+from kronfac.bench.thermo_cost_report import (
     cost_report,
     format_assumptions,
     format_crossover,
     format_table,
     plot_speedups,
 )
+from kronfac.linalg.thermodynamic.cost import CostModel, crossover_width, sweep
 
 WIDTHS = [256, 384, 512, 1024, 2048, 4096, 8192, 16384]
 NATIVE = {"vit": 384, "gnn": 256}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from kronfac.bench import bench
-from kronfac.linalg.thermodynamic import cli as thermo_cli
+from kronfac.bench import bench, thermo_cost
 
 __all__ = ["build_parser", "main"]
 
@@ -15,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kronfac", description="Kronecker-factored deep learning for PyTorch.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench.add_parser(subparsers)
-    thermo_cli.add_parser(subparsers)
+    thermo_cost.add_parser(subparsers)
     return parser
 
 

@@ -1,14 +1,11 @@
-"""Cost model of thermodynamic K-FAC: the scaling of every term on its formula, crossover width, CLI."""
+"""Cost model of thermodynamic K-FAC: the scaling of every term on its formula, crossover width (its CLI:
+tests/bench/test_thermo_cost.py)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 
 from kronfac.linalg.thermodynamic import HardwareModel
-from kronfac.linalg.thermodynamic.cli import main
 from kronfac.linalg.thermodynamic.cost import CostModel, Layer, crossover_width, gnn_like, sweep, vit_like
 
 
@@ -87,15 +84,6 @@ def test_bad_cost_model_and_workload_are_rejected() -> None:
         sweep(CostModel(), "resnet", [64])
     with pytest.raises(ValueError, match="method"):
         crossover_width(CostModel(), "square", "adam")
-
-
-def test_cli_prints_table_and_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--workload", "gnn", "--widths", "128,1024", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "| 1024 |" in printed and "crossover width" in printed and "time_constant" in printed
-    report = json.loads((tmp_path / "thermo_cost.json").read_text())
-    assert [row["width"] for row in report["workloads"]["gnn"]["rows"]] == [128.0, 1024.0]
-    assert (tmp_path / "thermo_cost.png").stat().st_size > 0
 
 
 def test_inverse_time_assumption_matches_the_simulator() -> None:

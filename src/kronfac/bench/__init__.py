@@ -1,4 +1,5 @@
-"""Benchmarks: bundled datasets, small models, methods, the runner and its reports (`kronfac bench`)."""
+"""Benchmarks: bundled datasets, small models, methods, the runner and its reports (`kronfac bench`), and the
+thermodynamic cost-model predictions (`kronfac thermo-cost`)."""
 
 from kronfac.bench import peers as _peers  # noqa: F401 - registers the peer methods
 from kronfac.bench.methods import METHODS, Method, register_method

@@ -1,7 +1,8 @@
 """``kronfac thermo-cost``: print (and save) the thermodynamic K-FAC cost model's predictions.
 
 Donatella et al. 2025, "Scalable Thermodynamic Second-order Optimization". ``add_parser`` plugs the subcommand
-into the ``kronfac`` command; ``python -m kronfac.linalg.thermodynamic.cli`` runs it on its own.
+into the ``kronfac`` command; ``python -m kronfac.bench.thermo_cost`` runs it on its own. The cost model itself
+lives in :mod:`kronfac.linalg.thermodynamic.cost`; the tables and the plot in :mod:`kronfac.bench.thermo_cost_report`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kronfac.linalg.thermodynamic.cost import WORKLOADS, CostModel
-from kronfac.linalg.thermodynamic.hardware import HardwareModel
-from kronfac.linalg.thermodynamic.report import (
+from kronfac.bench.thermo_cost_report import (
     cost_report,
     format_assumptions,
     format_crossover,
     format_table,
     plot_speedups,
 )
+from kronfac.linalg.thermodynamic.cost import WORKLOADS, CostModel
+from kronfac.linalg.thermodynamic.hardware import HardwareModel
 
 __all__ = ["add_parser", "build_model", "main", "run"]
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m kronfac.linalg.thermodynamic.cli [options]``."""
+    """Stand-alone entry point: ``python -m kronfac.bench.thermo_cost [options]``."""
     parser = configure(argparse.ArgumentParser(prog="kronfac thermo-cost", description=__doc__))
     return run(parser.parse_args(argv))
 
