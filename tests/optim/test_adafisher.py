@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import kronfac
-from kronfac.curvature.diagonal import REFERENCE_NEW_WEIGHT, REFERENCE_OLD_WEIGHT, minmax_normalize
+from kronfac.curvature.diagonal_fisher import REFERENCE_NEW_WEIGHT, REFERENCE_OLD_WEIGHT, minmax_normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
 

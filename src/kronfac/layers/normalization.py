@@ -11,7 +11,7 @@ position (sequence entries, spatial locations). The helpers expose:
 * ``grad_matrix``: ``[∇γ, ∇β]`` as ``C x 2`` (``C x 1`` without a shift); ``dims`` is ``(2 or 1, C)``.
 
 Unlike the Linear/Conv2d/Embedding helpers these rows are not the ``d_i`` columns of a Kronecker factor: they
-are per-feature statistics, consumed by :class:`~kronfac.curvature.diagonal.ScaleShiftBlock`. They are therefore
+are per-feature statistics, consumed by :class:`~kronfac.curvature.diagonal_fisher.ScaleShiftBlock`. They are therefore
 not in the global helper registry (K-FAC keeps treating normalisation layers as first-order parameters); an
 optimizer that wants them asks :func:`norm_helper_for`.
 """

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.curvature.block import CurvatureBlock
-from kronfac.curvature.diagonal import DiagonalFactors, DiagonalKroneckerBlock, FactorAveraging, ScaleShiftBlock
+from kronfac.curvature.diagonal_fisher import DiagonalFactors, DiagonalKroneckerBlock, FactorAveraging, ScaleShiftBlock
 from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.layers.normalization import ScaleShiftHelper, norm_helper_for
