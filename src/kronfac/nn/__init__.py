@@ -26,7 +26,7 @@ from kronfac.nn.adapters import (
 from kronfac.nn.compress import CompressionReport, LayerCompression, compress
 from kronfac.nn.factorize import kron_shapes, nearest_kronecker
 from kronfac.nn.kron import kron_cost, kron_matvec
-from kronfac.nn.linear import KronLinear
+from kronfac.nn.kron_linear import KronLinear
 from kronfac.nn.rnn import KronGRU, KronLSTM, StructuredRNN
 
 __all__ = [

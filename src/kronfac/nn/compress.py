@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from kronfac.nn.factorize import DEFAULT_TOLERANCE, kron_shapes
-from kronfac.nn.linear import KronLinear
+from kronfac.nn.kron_linear import KronLinear
 from kronfac.nn.rnn import KronGRU, KronLSTM, KronRNNBase
 
 __all__ = ["CompressionReport", "LayerCompression", "compress"]

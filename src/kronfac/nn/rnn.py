@@ -1,7 +1,7 @@
 """``KronLSTM`` and ``KronGRU``: recurrent layers whose weight matrices are Kronecker products.
 
 Each ``W_ih`` (``G h x d_in``, ``G = 4`` for LSTM, ``3`` for GRU, gates stacked like PyTorch's) and ``W_hh``
-(``G h x h``) of every layer and direction is a :class:`~kronfac.nn.linear.KronLinear` without bias; biases
+(``G h x h``) of every layer and direction is a :class:`~kronfac.nn.kron_linear.KronLinear` without bias; biases
 stay
 dense. The constructor and ``forward`` follow ``nn.LSTM`` / ``nn.GRU``: ``batch_first``, ``num_layers``,
 ``dropout``, ``bidirectional``, optional initial states, unbatched input; gate equations are PyTorch's, so
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kronfac.nn.factorize import DEFAULT_TOLERANCE, KronShape, check_shape, kron_shapes, nearest_kronecker
-from kronfac.nn.linear import KronLinear, init_kron_factors
+from kronfac.nn.kron_linear import KronLinear, init_kron_factors
 
 __all__ = ["KronGRU", "KronLSTM", "KronRNNBase", "StructuredRNN", "WeightFactory"]
 
