@@ -1,10 +1,8 @@
 """AdaFisher / AdaFisherW: steps against the formulas written out by hand (float64), the normalisation-layer
-blocks, the first-order fallback, the averaging options, weight-decay modes, and the docs page's examples."""
+blocks, the first-order fallback, the averaging options and the weight-decay modes (docs/adafisher.md runs in
+tests/test_docs.py)."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,6 @@ import kronfac
 from kronfac.curvature.diagonal_fisher import REFERENCE_NEW_WEIGHT, REFERENCE_OLD_WEIGHT, minmax_normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
-
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "adafisher.md"
 
 
 @pytest.fixture(autouse=True)
@@ -315,15 +311,6 @@ def test_bad_arguments_name_themselves(bad: dict) -> None:
     (key,) = bad
     with pytest.raises(ValueError, match=key):
         kronfac.AdaFisher(nn.Sequential(nn.Linear(2, 2)), **bad)
-
-
-def test_docs_examples_run() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-    assert blocks, "docs/adafisher.md has no python examples"
-    torch.set_default_dtype(torch.float32)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(DOCS), "exec"), namespace)
 
 
 @pytest.mark.cuda

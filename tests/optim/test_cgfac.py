@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +10,6 @@ from torch import nn
 import kronfac
 from kronfac.linalg.cg import batch_operator, cg_solve
 from reference import grad_matrix_from
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "cgfac.md"
 
 
 @pytest.fixture
@@ -219,11 +214,3 @@ def test_bad_arguments_raise_naming_them(kwargs: dict, name: str) -> None:
 def test_options_cgfac_does_not_have_are_refused(key: str) -> None:
     with pytest.raises(TypeError, match=key):
         kronfac.CGFAC(nn.Sequential(nn.Linear(3, 2)), **{key: 3})
-
-
-def test_doc_examples_run() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    assert len(blocks) >= 2
-    namespace: dict[str, object] = {"__name__": "cgfac_doc"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{DOC.name}[block {i}]", "exec"), namespace)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 import kronfac
 from reference import ggn_block_mse, grad_matrix_from
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "kldwrm.md"
 
 
 def _mse(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -214,11 +209,3 @@ def test_preconditioner_takes_the_correction() -> None:
         assert pre.num_skipped == 0
         sgd.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_doc_examples_run() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    assert len(blocks) >= 2
-    namespace: dict[str, object] = {"__name__": "kldwrm_doc"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{DOC.name}[block {i}]", "exec"), namespace)
