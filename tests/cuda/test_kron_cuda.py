@@ -1,4 +1,4 @@
-"""The Kronecker layers on a CUDA device (skipped without one)."""
+"""The Kronecker layers on a CUDA device (skipped without one, see conftest.py)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,6 @@ from kronfac.nn import (
 )
 from kronfac.nn.adapters import adapter_modules
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
 DEV = "cuda"
 
 

@@ -1,4 +1,5 @@
-"""Thermodynamic solver and backend on a CUDA device (skipped without one): same answers as on the CPU."""
+"""Thermodynamic solver and backend on a CUDA device (skipped without one, see conftest.py): same answers as on
+the CPU."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from kronfac.linalg.cholesky import CholeskyConfig
 from kronfac.linalg.eigh import EighConfig
 from kronfac.linalg.thermodynamic import SolverSchedule, ThermodynamicConfig, simulate_ou
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
 CUDA = torch.device("cuda")
 LONG = {
     1: SolverSchedule(dt=1.0, burn_in=10.0, num_samples=2000, num_chains=64),
