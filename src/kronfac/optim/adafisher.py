@@ -2,7 +2,7 @@
 Order Optimization via Fisher Information", arXiv:2405.16397).
 
 AdaFisher is Adam with its second-moment denominator replaced by a diagonal Kronecker-factored Fisher ``F_D``:
-the diagonals of K-FAC's factors, min-max normalised and averaged (:mod:`kronfac.curvature.diagonal`), and no
+the diagonals of K-FAC's factors, min-max normalised and averaged (:mod:`kronfac.curvature.diagonal_fisher`), and no
 square root. AdaFisherW is the same method with decoupled weight decay; here it is AdaFisher with a different
 weight-decay mode, not a second copy.
 """
@@ -66,7 +66,7 @@ class AdaFisher(KronOptimizer):
     ``factor_every = 10`` from our benchmark sweeps (the paper's ``lr = 1e-3`` and ``T_cov = 100`` leave a small
     MLP at 0.61 test accuracy after 300 steps, where AdamW's defaults reach 0.975); ``averaging="reference"``
     reproduces the reference's ``0.08 H + 0.008 Ĥ`` update started from ones, whose coefficients do not sum to 1
-    (:mod:`kronfac.curvature.diagonal`).
+    (:mod:`kronfac.curvature.diagonal_fisher`).
 
     Args:
         model: the model.
