@@ -259,7 +259,7 @@ class KronOptimizer(Optimizer):
             self.sync.begin_step()
         ok = self._gradients_finite()
         if ok and self.curvature_due():
-            ok = self._commit_curvature()
+            ok = self.commit_curvature()
         if ok:
             if self.steps % self.refresh_every == 0:
                 self.refresh()
@@ -291,8 +291,9 @@ class KronOptimizer(Optimizer):
         warnings.warn(f"kronfac: {message}; skipping the step", RuntimeWarning, stacklevel=4)
         return False
 
-    def _commit_curvature(self) -> bool:
-        """Reduce (when distributed), let the correction see the batch, fold it in; False if a value is bad."""
+    def commit_curvature(self) -> bool:
+        """Fold the captured statistics into the blocks now (``step`` does it on curvature steps): reduce them over
+        the ranks when distributed, let the correction see the batch, commit. Returns False if a value was bad."""
         if self.sync is not None:
             self.sync.reduce_statistics()
         if self.correction is not None:
