@@ -10,15 +10,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 import kronfac
 from kronfac.linalg.thermodynamic import SolverSchedule, ThermodynamicConfig
 
-__all__ = ["DETERMINISTIC", "OPTIMIZERS", "register_optimizer"]
+__all__ = ["DETERMINISTIC", "OPTIMIZERS", "register_optimizer", "tiny_model"]
 
 OptimizerFactory = Callable[..., Optimizer]
+
+
+def tiny_model() -> nn.Module:
+    """The model the registry's settings are made for: Conv2d, Linear, a LayerNorm (first-order for most methods)
+    and a Linear head, on ``(N, 1, 6, 6)`` inputs and 3 classes; seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 8),
+        nn.LayerNorm(8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
+
 
 #: name -> factory(model, **overrides)
 OPTIMIZERS: dict[str, OptimizerFactory] = {}

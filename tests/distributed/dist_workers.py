@@ -243,16 +243,9 @@ REPLICA_STEPS = 4
 
 
 def replica_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2 * 4 * 4, 8),
-        nn.LayerNorm(8),
-        nn.Tanh(),
-        nn.Linear(8, 3),
-    ).double()
+    from settings import tiny_model
+
+    return tiny_model().double()
 
 
 def replica_data(world: int) -> list[tuple[Tensor, Tensor]]:

@@ -9,22 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from settings import OPTIMIZERS
+from settings import OPTIMIZERS, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
 
 
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(2 * 4 * 4, 8),
-        nn.LayerNorm(8),
-        nn.Tanh(),
-        nn.Linear(8, 3),
-    )
+make_model = tiny_model
 
 
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
