@@ -160,9 +160,9 @@ class AdaFisher(KronOptimizer):
         hyper["beta"], hyper["factor_decay"] = (float(b) for b in hyper["betas"])
         return hyper
 
-    def fisher_diagonals(self, index: int) -> dict[Tensor, Tensor]:
-        """Parameter -> its current ``F_D`` piece, for the layers of param group ``index`` that have statistics."""
-        damping = float(self.hyper(self.param_groups[index])["damping"])
+    def fisher_diagonals(self, index: int, damping: float) -> dict[Tensor, Tensor]:
+        """Parameter -> its ``F_D`` piece with damping ``λ``, for the layers of param group ``index`` that have
+        statistics."""
         pieces: dict[Tensor, Tensor] = {}
         for layer in self.layer_groups[index]:
             block = layer.block
@@ -173,7 +173,7 @@ class AdaFisher(KronOptimizer):
         return pieces
 
     def update(self, step: GroupStep) -> None:
-        fishers = self.fisher_diagonals(step.index)
+        fishers = self.fisher_diagonals(step.index, float(step.hyper["damping"]))
         adafisher_update_(
             step.params,
             step.directions,

@@ -258,12 +258,13 @@ class KronOptimizer(Optimizer):
         if self.sync is not None:
             self.sync.begin_step()
         ok = self._gradients_finite()
+        hypers = [self.hyper(group) for group in self.param_groups]  # the step counter is fixed within a step
         if ok and self.curvature_due():
-            ok = self.commit_curvature()
+            ok = self.commit_curvature(hypers)
         if ok:
             if self.steps % self.refresh_every == 0:
-                self.refresh()
-            steps = [self._group_step(i) for i in range(len(self.param_groups))]
+                self.refresh(hypers)
+            steps = [self._group_step(i, hyper) for i, hyper in enumerate(hypers)]
             if self.correction is not None:
                 steps = self.correction.refine(steps)
             for group_step in steps:
@@ -291,16 +292,20 @@ class KronOptimizer(Optimizer):
         warnings.warn(f"kronfac: {message}; skipping the step", RuntimeWarning, stacklevel=4)
         return False
 
-    def commit_curvature(self) -> bool:
+    def commit_curvature(self, hypers: list[dict[str, Any]] | None = None) -> bool:
         """Fold the captured statistics into the blocks now (``step`` does it on curvature steps): reduce them over
-        the ranks when distributed, let the correction see the batch, commit. Returns False if a value was bad."""
+        the ranks when distributed, let the correction see the batch, commit. Returns False if a value was bad.
+
+        Args:
+            hypers: each group's :meth:`hyper` at this step (computed when not given).
+        """
+        hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
         if self.sync is not None:
             self.sync.reduce_statistics()
         if self.correction is not None:
             self.correction.before_commit()
         ok = True
-        for group, layers in zip(self.param_groups, self.layer_groups):
-            hyper = self.hyper(group)
+        for hyper, layers in zip(hypers, self.layer_groups):
             for layer in layers:
                 block = layer.block
                 if not block.has_pending():
@@ -317,10 +322,14 @@ class KronOptimizer(Optimizer):
                     ok = ok and self._nonfinite(message)
         return ok
 
-    def refresh(self) -> None:
+    def refresh(self, hypers: list[dict[str, Any]] | None = None) -> None:
         """Refresh every block's derived state (inverses, damped diagonals) now; refresh steps do it by themselves.
-        With a process group every rank must call it."""
-        hypers = [self.hyper(group) for group in self.param_groups]
+        With a process group every rank must call it.
+
+        Args:
+            hypers: each group's :meth:`hyper` at this step (computed when not given).
+        """
+        hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
         work = [(layer, float(h["damping"])) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
         if self.sync is not None:
             self.sync.refresh(work)
@@ -332,9 +341,9 @@ class KronOptimizer(Optimizer):
                 [(layer, h) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
             )
 
-    def _group_step(self, index: int) -> GroupStep:
+    def _group_step(self, index: int, hyper: dict[str, Any]) -> GroupStep:
         group = self.param_groups[index]
-        step = GroupStep(index, self.hyper(group))
+        step = GroupStep(index, hyper)
         hyper, correction = step.hyper, self.correction
         weight_decay = float(hyper.get("weight_decay", 0.0))
         mode = self.weight_decay_mode if weight_decay else None

@@ -14,7 +14,7 @@ over all groups' directions before the update kernel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +52,6 @@ class CorrectionContext:
     output_fn: Callable[[Any], Tensor] | None
     paused_capture: Callable[[], AbstractContextManager[None]]
     average: Callable[[list[Tensor]], None]
-
-    def named_layers(self) -> Iterator[tuple[str, TrackedLayer]]:
-        return iter(self.layers.items())
 
 
 class Correction:
