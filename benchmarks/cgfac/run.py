@@ -56,7 +56,7 @@ def curvature_bytes(opt: torch.optim.Optimizer) -> int:
             return sum(walk(v) for v in obj)
         return 0
 
-    return walk(opt.state_dict()["kronfac"]["layers"])
+    return walk(opt.curvature_state_dict()["layers"])
 
 
 def time_steps(name: str, build, width: int, batch: int, args, device: torch.device) -> dict[str, Any]:

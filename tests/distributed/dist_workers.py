@@ -283,3 +283,58 @@ def replica_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]
     result = {name: replica_train(name, world, rows, ddp=True) for name in names}
     result["kfac per-rank"] = replica_train("kfac", world, rows, ddp=True, distributed=False)
     return result
+
+
+# -- torch.distributed.checkpoint on 2 ranks, resumed on 2 ranks and in one process -----------------------------
+def dcp_run(name: str, world: int, rank: int, ddp: bool, checkpoint: str, mode: str) -> Tensor:
+    """``mode="save"``: train 3 steps, DCP-save, train 3 more; ``"resume"``: DCP-load, train the last 3 steps.
+    Returns the flat parameters at the end."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from settings import OPTIMIZERS
+
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if ddp else slice(None)
+    data = replica_data(world) + replica_data(world)[:2]
+    model = replica_model()
+    run: nn.Module = DistributedDataParallel(model) if ddp else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = OPTIMIZERS[name](model) if ddp else OPTIMIZERS[name](model, distributed=False)
+
+        def train(batches: list[tuple[Tensor, Tensor]]) -> None:
+            for x, y in batches:
+                opt.zero_grad()
+                nn.functional.cross_entropy(run(x[rows]), y[rows]).backward()
+                opt.step()
+
+        if mode == "save":
+            train(data[:3])
+            dcp.save(
+                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint
+            )
+        else:
+            state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=checkpoint, no_dist=not ddp)
+            model.load_state_dict(state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+        train(data[3:])
+    close = getattr(opt, "close", None)
+    if close is not None:
+        close()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def dcp_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    root = Path(os.environ["KRONFAC_TEST_OUT"])
+    for name in names:
+        checkpoint = str(root / f"dcp-{name}")
+        out[f"{name} saved"] = dcp_run(name, world, rank, True, checkpoint, "save")
+        out[f"{name} resumed"] = dcp_run(name, world, rank, True, checkpoint, "resume")
+        if rank == 0:  # the same checkpoint resumed by one process (world size 1) on the global batch
+            out[f"{name} one process"] = dcp_run(name, world, rank, False, checkpoint, "resume")
+        dist.barrier()
+    return out

@@ -97,3 +97,19 @@ def test_every_optimizer_keeps_ddp_replicas_identical(world: int) -> None:
             assert err <= tol, f"{name}: DDP differs from one process on the global batch by {err:.2e}"
     # distributed=False is the documented switch to per-rank curvature: the replicas then drift apart.
     assert not torch.equal(results[0]["kfac per-rank"], results[1]["kfac per-rank"])
+
+
+def test_distributed_checkpoint_resumes_on_two_ranks_and_in_one_process() -> None:
+    """DCP save on 2 ranks; the resume on 2 ranks continues bit-identically, and one process resuming the same
+    checkpoint on the global batch continues to round-off (the curvature state is the same on every rank)."""
+    from settings import DETERMINISTIC
+
+    names = sorted(DETERMINISTIC)
+    results = workers.launch(workers.dcp_worker, 2, names)
+    for name in names:
+        for rank in (0, 1):
+            saved, resumed = results[rank][f"{name} saved"], results[rank][f"{name} resumed"]
+            assert torch.equal(saved, resumed), f"{name}: the 2-rank resume differs on rank {rank}"
+        single = results[0][f"{name} one process"]
+        err = float((single - results[0][f"{name} saved"]).abs().max() / single.abs().max())
+        assert err <= (1e-7 if name == "cgfac" else 1e-9), f"{name}: one-process resume off by {err:.2e}"

@@ -157,7 +157,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
             return sum(walk(v) for v in obj)
         return 0
 
-    return walk(opt.state_dict()["kronfac"]["layers"])
+    return walk(opt.curvature_state_dict()["layers"])
 
 
 @pytest.mark.parametrize("side", ["in", "out"])

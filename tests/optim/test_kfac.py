@@ -105,7 +105,7 @@ def test_callable_lr_and_damping_and_their_checkpoint() -> None:
     torch.save(opt.state_dict(), buffer)  # lambdas are not pickled
     buffer.seek(0)
     opt2 = kronfac.KFAC(model, lr=lambda step: 0.1 / (1 + step), damping=1e-2)
-    opt2.load_state_dict(torch.load(buffer, weights_only=False))
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
     assert callable(opt2.param_groups[0]["lr"]) and opt2.steps == 3
 
 

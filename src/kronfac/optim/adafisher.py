@@ -22,7 +22,7 @@ from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.layers.normalization import ScaleShiftHelper, norm_helper_for
 from kronfac.optim.base import KronOptimizer, WeightDecay
-from kronfac.optim.functional import adafisher_update_
+from kronfac.optim.functional import adafisher_state, adafisher_update_
 from kronfac.optim.options import CaptureOptions, Schedule, check_choice, check_range
 from kronfac.optim.types import GroupStep
 
@@ -171,6 +171,9 @@ class AdaFisher(KronOptimizer):
             if fisher is not None:
                 pieces.update(zip(layer.params, layer.helper.split(layer.module, fisher)))
         return pieces
+
+    def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return adafisher_state(param)
 
     def update(self, step: GroupStep) -> None:
         fishers = self.fisher_diagonals(step.index, float(step.hyper["damping"]))

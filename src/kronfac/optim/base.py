@@ -32,6 +32,7 @@ from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
+from kronfac.optim import checkpoint
 from kronfac.optim.corrections.base import Correction, CorrectionContext
 from kronfac.optim.options import CALLABLE, CaptureOptions, check_positive_int, resolve
 from kronfac.optim.types import GroupStep
@@ -124,6 +125,9 @@ class KronOptimizer(Optimizer):
         self.correction = correction
         if correction is not None:
             correction.bind(self._correction_context())
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].update(self.initial_state(p, group))
         self._schedule_capture()
 
     # -- what a method supplies -------------------------------------------------------------------------
@@ -140,6 +144,13 @@ class KronOptimizer(Optimizer):
     @abstractmethod
     def update(self, step: GroupStep) -> None:
         """Apply one group's directions to its parameters (the method's kernel in ``optim/functional.py``)."""
+
+    def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """A parameter's optimizer state before the first step, created eagerly at construction, so that the
+        state_dict of a fresh optimizer has the layout of a trained one (torch.distributed.checkpoint loads into
+        it) and torch.distributed.checkpoint never runs its zero-gradient initialisation step on a kronfac
+        optimizer (which would advance the curvature schedule)."""
+        return {}
 
     def helper_for(self, module: nn.Module) -> LayerHelper | None:
         """The layer helper of a module this method gives a block to (``None``: first-order)."""
@@ -417,35 +428,66 @@ class KronOptimizer(Optimizer):
             self.sync.end_step()
 
     # -- checkpointing ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        for group in state["param_groups"]:
-            for key, value in group.items():
-                if callable(value):
-                    group[key] = CALLABLE
-        state["kronfac"] = {
+    def _anchor(self) -> Tensor | None:
+        """The parameter whose state carries the curvature blob (the first optimised one)."""
+        return next((p for group in self.param_groups for p in group["params"]), None)
+
+    def _signatures(self) -> dict[str, str]:
+        out = {}
+        for name, layer in self.layers.items():
+            d_in, d_out = layer.helper.dims(layer.module)
+            out[name] = f"{type(layer.block).__name__} {d_in} x {d_out}"
+        return out
+
+    def curvature_state_dict(self) -> dict[str, Any]:
+        """Everything of the state beyond torch.optim's per-parameter state: counters, the capture's sampler,
+        every layer's block, the correction (what :meth:`state_dict` carries as one blob)."""
+        return {
+            "optimizer": type(self).__name__,
+            "signatures": self._signatures(),
             "steps": self.steps,
             "num_skipped": self.num_skipped,
             "capture": self.capture.state_dict(),
             "layers": {name: layer.block.state_dict() for name, layer in self.layers.items()},
             "correction": self.correction.state_dict() if self.correction is not None else {},
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict; the curvature state rides in the first parameter's state (see
+        :mod:`kronfac.optim.checkpoint`), so ``torch.save`` and torch.distributed.checkpoint both keep it."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            for key, value in group.items():
+                if callable(value):
+                    group[key] = CALLABLE
+        if self._anchor() is not None:
+            # torch.optim numbers the parameters in group order from 0, so the anchor is index 0
+            state["state"][0] = {
+                **state["state"].get(0, {}),
+                checkpoint.KEY: checkpoint.encode(self.curvature_state_dict()),
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("kronfac", None)
+        extra = state_dict.pop(checkpoint.KEY, None)  # the layout of earlier kronfac versions
         if extra is None:
-            raise ValueError("state_dict has no 'kronfac' entry: it was not saved by a kronfac optimizer")
+            for index, entry in state_dict.get("state", {}).items():
+                if isinstance(entry, dict) and checkpoint.KEY in entry:
+                    entry = dict(entry)
+                    extra = entry.pop(checkpoint.KEY)
+                    state_dict["state"] = {**state_dict["state"], index: entry}
+                    break
+        if extra is None:
+            raise ValueError("state_dict has no kronfac curvature state: it was not saved by a kronfac optimizer")
+        extra = checkpoint.decode(extra)
+        checkpoint.check_compatible(extra, type(self).__name__, self._signatures())
         live = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, old in zip(self.param_groups, live):
             for key, value in group.items():
                 if isinstance(value, str) and value == CALLABLE:
                     group[key] = old[key]
-        missing = set(self.layers) - set(extra["layers"])
-        if missing:
-            raise ValueError(f"state_dict has no curvature state for layers {sorted(missing)}")
         for name, layer in self.layers.items():
             layer.block.load_state_dict(extra["layers"][name])
         self.steps, self.num_skipped = int(extra["steps"]), int(extra["num_skipped"])

@@ -7,7 +7,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["adafisher_update_", "momentum_update_"]
+__all__ = ["adafisher_state", "adafisher_update_", "momentum_state", "momentum_update_"]
+
+
+def momentum_state(param: Tensor, momentum: float) -> dict[str, Any]:
+    """The state :func:`momentum_update_` starts from: a zero buffer (``b <- μ·0 + u = u`` exactly, SGD's first
+    step), or ``None`` without momentum (as torch's SGD keeps it)."""
+    return {"momentum_buffer": torch.zeros_like(param, memory_format=torch.preserve_format) if momentum else None}
+
+
+def adafisher_state(param: Tensor) -> dict[str, Any]:
+    """The state :func:`adafisher_update_` starts from: a zero first moment and step 0."""
+    return {"exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format), "step": 0}
 
 
 def momentum_update_(

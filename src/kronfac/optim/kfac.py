@@ -21,7 +21,7 @@ from kronfac.linalg.base import InverseConfig
 from kronfac.linalg.eigh import EighConfig
 from kronfac.optim.base import KronOptimizer
 from kronfac.optim.corrections.base import Correction
-from kronfac.optim.functional import momentum_update_
+from kronfac.optim.functional import momentum_state, momentum_update_
 from kronfac.optim.options import CaptureOptions, Schedule, check_positive_int, check_range
 from kronfac.optim.types import GroupStep
 
@@ -152,6 +152,9 @@ class KFAC(KronOptimizer):
             dtype=self.options.statistics_dtype(weight),
             device=weight.device,
         )
+
+    def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return momentum_state(param, float(group["momentum"]))
 
     def update(self, step: GroupStep) -> None:
         momentum_update_(

@@ -20,7 +20,7 @@ from kronfac.curvature.structures import StructureSpec, parse_structure
 from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.optim.base import KronOptimizer, WeightDecay
-from kronfac.optim.functional import momentum_update_
+from kronfac.optim.functional import momentum_state, momentum_update_
 from kronfac.optim.options import CaptureOptions, Schedule, check_range
 from kronfac.optim.types import GroupStep
 
@@ -156,6 +156,9 @@ class SINGD(KronOptimizer):
             dtype=self.preconditioner_dtype or weight.dtype,
             device=weight.device,
         )
+
+    def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        return momentum_state(param, float(group["momentum"]))
 
     def update(self, step: GroupStep) -> None:
         momentum_update_(
