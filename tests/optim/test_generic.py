@@ -178,7 +178,31 @@ def test_non_finite_gradients_skip_keeps_state_clean(name: str) -> None:
     assert any("non-finite" in str(w.message) for w in caught)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    assert all(torch.isfinite(t).all() for t in _tensors(opt.state_dict()))
+    assert all(torch.isfinite(t).all() for t in _tensors([opt.state_dict(), opt.curvature_state_dict()]))
+
+
+def test_consecutive_skips_escalate_naming_the_layer(name: str) -> None:
+    model = make_model()
+    opt = OPTIMIZERS[name](model, on_nonfinite="skip", max_skipped=3)
+    x, y = batches(1)[0]
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        train(model, opt, batches(1))  # a good step resets the count
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with pytest.raises(FloatingPointError, match=r"3 consecutive steps skipped.*layer '0'"):
+            opt.step()
+    assert opt.num_skipped == 4  # type: ignore[attr-defined]
 
 
 def _tensors(obj):

@@ -82,8 +82,8 @@ class AdaFisher(KronOptimizer):
             parameters ``F = 1`` like any other parameter without a block (more stable on our char transformer,
             see ``benchmarks/adafisher/ablation_norms.md``).
         distributed: as for :class:`~kronfac.KFAC` (``H`` and ``S`` statistics are summed over the ranks).
-        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
-            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
+            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -120,6 +120,7 @@ class AdaFisher(KronOptimizer):
         grad_scaler: Any = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
+        max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

@@ -121,6 +121,7 @@ class KronOptimizer(Optimizer):
         )
         self.steps = 0
         self.num_skipped = 0
+        self.consecutive_skipped = 0
         self.sync = self._make_sync(distributed)
         self.correction = correction
         if correction is not None:
@@ -300,6 +301,12 @@ class KronOptimizer(Optimizer):
     def _nonfinite(self, message: str) -> bool:
         if self.options.on_nonfinite == "raise":
             raise FloatingPointError(f"kronfac: {message} (pass on_nonfinite='skip' to skip such steps)")
+        if self.consecutive_skipped + 1 >= self.options.max_skipped:
+            raise FloatingPointError(
+                f"kronfac: {self.consecutive_skipped + 1} consecutive steps skipped for non-finite values, the last "
+                f"for {message}: the run has diverged (lower the learning rate or raise the damping; max_skipped "
+                "sets how many skips in a row are tolerated)"
+            )
         warnings.warn(f"kronfac: {message}; skipping the step", RuntimeWarning, stacklevel=4)
         return False
 
@@ -416,6 +423,7 @@ class KronOptimizer(Optimizer):
         self.update(step)
 
     def _finish(self, *, skipped: bool) -> None:
+        self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
         if skipped:
             self.num_skipped += 1
             if self.sync is not None:
@@ -447,6 +455,7 @@ class KronOptimizer(Optimizer):
             "signatures": self._signatures(),
             "steps": self.steps,
             "num_skipped": self.num_skipped,
+            "consecutive_skipped": self.consecutive_skipped,
             "capture": self.capture.state_dict(),
             "layers": {name: layer.block.state_dict() for name, layer in self.layers.items()},
             "correction": self.correction.state_dict() if self.correction is not None else {},
@@ -491,6 +500,7 @@ class KronOptimizer(Optimizer):
         for name, layer in self.layers.items():
             layer.block.load_state_dict(extra["layers"][name])
         self.steps, self.num_skipped = int(extra["steps"]), int(extra["num_skipped"])
+        self.consecutive_skipped = int(extra.get("consecutive_skipped", 0))
         self.capture.load_state_dict(extra["capture"])
         if self.correction is not None:
             self.correction.load_state_dict(extra.get("correction", {}))

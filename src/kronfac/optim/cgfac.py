@@ -59,8 +59,8 @@ class CGFAC(KFAC):
             where the residual is only ``λ U`` and CG hardly corrects them; on the digits MLP benchmark task
             (λ = 1e-3) warm-started CG-FAC diverged while cold-started CG-FAC trained well.
         distributed: as for :class:`~kronfac.KFAC` (the rows of every rank are gathered).
-        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
-            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
+            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -97,6 +97,7 @@ class CGFAC(KFAC):
         grad_scaler: Any = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
+        max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         check_positive_int("max_iters", max_iters)

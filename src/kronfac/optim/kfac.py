@@ -69,8 +69,8 @@ class KFAC(KronOptimizer):
         correction: a correction composed into the step, e.g. :class:`~kronfac.KLDWRM`.
         distributed: ``None`` (average the curvature over the ranks when a process group with more than one
             rank is initialised), a :class:`~kronfac.DistributedConfig` (the strategy), or ``False``.
-        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
-            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
+            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -106,6 +106,7 @@ class KFAC(KronOptimizer):
         grad_scaler: Any = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
+        max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

@@ -85,6 +85,8 @@ class CaptureOptions:
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from the captured gradients.
         output_fn: picks the logits from a model output that is not a tensor.
         on_nonfinite: ``"raise"`` a ``FloatingPointError`` naming the layer, or ``"skip"`` the step.
+        max_skipped: with ``"skip"``, this many consecutive skipped steps raise ``FloatingPointError`` naming
+            what kept failing (a diverged run does not skip silently for ever).
         factor_dtype: storage dtype of the curvature statistics; ``None``: the layer's parameter dtype promoted
             to at least float32 (a float64 model gets float64 curvature).
     """
@@ -100,6 +102,7 @@ class CaptureOptions:
     grad_scaler: Any = None
     output_fn: Callable[[Any], Tensor] | None = None
     on_nonfinite: str = "raise"
+    max_skipped: int = 10
     factor_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -112,6 +115,7 @@ class CaptureOptions:
         check_positive_int("mc_samples", self.mc_samples)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"Invalid seed: {self.seed!r} (must be an integer)")
+        check_positive_int("max_skipped", self.max_skipped)
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid on_nonfinite: {self.on_nonfinite!r} (must be 'raise' or 'skip')")
         if self.factor_dtype is not None and not (

@@ -31,8 +31,8 @@ class KFACPreconditioner(KFAC):
         damping, factor_decay, factor_every, inverse_every, kl_clip, inverse, correction, distributed: as for
             :class:`~kronfac.KFAC` (``kl_clip`` is off by default here).
         lr: learning rate assumed by the KL clip (ignored when ``kl_clip`` is None).
-        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
-            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
+            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -66,6 +66,7 @@ class KFACPreconditioner(KFAC):
         grad_scaler: Any = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
+        max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(

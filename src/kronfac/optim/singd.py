@@ -71,8 +71,8 @@ class SINGD(KronOptimizer):
         kfac_like: IKFAC instead of SINGD.
         preconditioner_dtype: dtype of ``K, C, m_K, m_C``; ``None`` uses each layer's parameter dtype.
         distributed: as for :class:`~kronfac.KFAC` (``H_K``, ``H_C`` are summed over the ranks).
-        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn,
-            on_nonfinite, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`;
+        param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
+            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`;
             ``factor_dtype`` is ignored: SINGD keeps no factors, ``preconditioner_dtype`` sets its state's).
 
     Example:
@@ -111,6 +111,7 @@ class SINGD(KronOptimizer):
         grad_scaler: Any = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
+        max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())
