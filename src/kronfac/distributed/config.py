@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from kronfac.validation import check_bool, check_int, check_positive_int, check_range
+
 __all__ = ["DistributedConfig", "Strategy"]
 
 #: Default fusion bound: a 4 MiB message spends ~0.3 ms on a 100 Gb/s link, ~10x a typical start-up latency,
@@ -63,12 +65,9 @@ class DistributedConfig:
             self.strategy = Strategy(self.strategy)
         except ValueError:
             raise ValueError(f"Invalid strategy: {self.strategy!r} (must be 'naive' or 'spd')") from None
-        if not isinstance(self.bucket_bytes, int) or isinstance(self.bucket_bytes, bool) or self.bucket_bytes < 1:
-            raise ValueError(f"Invalid bucket_bytes: {self.bucket_bytes!r} (must be an integer >= 1)")
-        threshold = self.small_factor_threshold
-        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
-            raise ValueError(f"Invalid small_factor_threshold: {threshold!r} (must be an integer >= 0)")
-        if not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
-            raise ValueError(f"Invalid timeout: {self.timeout!r} (must be a number of seconds > 0)")
+        self.bucket_bytes = check_positive_int("bucket_bytes", self.bucket_bytes)
+        self.small_factor_threshold = check_int("small_factor_threshold", self.small_factor_threshold, 0)
+        self.timeout = check_range("timeout (seconds)", self.timeout, 0.0, low_open=True)
+        self.learn_order = check_bool("learn_order", self.learn_order)
         if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc"):
             raise ValueError(f"Invalid backend: {self.backend!r} (must be None, 'gloo', 'nccl', 'mpi' or 'ucc')")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kronfac.linalg.base import InverseConfig, KroneckerInverse, register_inverse
+from kronfac.validation import check_bool
 
 __all__ = ["CholeskyConfig", "CholeskyInverse", "pi_correction"]
 
@@ -63,6 +64,9 @@ class CholeskyConfig(InverseConfig):
     """
 
     pi_correction: bool = True
+
+    def __post_init__(self) -> None:
+        self.pi_correction = check_bool("pi_correction", self.pi_correction)
 
     def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> CholeskyInverse:
         pi = pi_correction(a_factor, g_factor) if self.pi_correction else 1.0

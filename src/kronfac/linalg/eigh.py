@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kronfac.linalg.base import InverseConfig, KroneckerInverse, register_inverse
+from kronfac.validation import check_range
 
 __all__ = ["EighConfig", "EighInverse"]
 
@@ -60,8 +61,7 @@ class EighConfig(InverseConfig):
     min_eigenvalue: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.min_eigenvalue < 0:
-            raise ValueError(f"Invalid min_eigenvalue: {self.min_eigenvalue} (must be >= 0)")
+        self.min_eigenvalue = check_range("min_eigenvalue", self.min_eigenvalue, 0.0)
 
     def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> EighInverse:
         if a_factor.ndim == 1:

@@ -23,7 +23,7 @@ from kronfac.layers import LayerHelper
 from kronfac.layers.normalization import ScaleShiftHelper, norm_helper_for
 from kronfac.optim.base import KronOptimizer, WeightDecay
 from kronfac.optim.functional import adafisher_state, adafisher_update_
-from kronfac.optim.options import CaptureOptions, Schedule, check_choice, check_range
+from kronfac.optim.options import CaptureOptions, Schedule, check_bool, check_choice, check_range
 from kronfac.optim.types import GroupStep
 
 __all__ = ["ADAFISHER_DEFAULTS", "AdaFisher", "AdaFisherW", "WeightDecayMode"]
@@ -124,12 +124,12 @@ class AdaFisher(KronOptimizer):
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())
-        check_range("lr", lr, 0.0)
-        _check_betas(betas)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("damping", damping, 0.0, low_open=True)
+        lr = check_range("lr", lr, 0.0)
+        betas = _check_betas(betas)
+        weight_decay = check_range("weight_decay", weight_decay, 0.0)
+        damping = check_range("damping", damping, 0.0, low_open=True)
         self.averaging = check_choice(FactorAveraging, "averaging", averaging)
-        self.norm_layers = bool(norm_layers)
+        self.norm_layers = check_bool("norm_layers", norm_layers)
         mode = self.default_weight_decay_mode if weight_decay_mode is None else weight_decay_mode
         decay = check_choice(WeightDecayMode, "weight_decay_mode", mode)
         self.weight_decay_mode = WeightDecay.DECOUPLED if decay is WeightDecayMode.DECOUPLED else WeightDecay.GRADIENT
@@ -188,13 +188,10 @@ class AdaFisher(KronOptimizer):
         )
 
 
-def _check_betas(betas: Any) -> None:
+def _check_betas(betas: Any) -> tuple[float, float]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta, gamma))")
-    for name, value in zip(("betas[0]", "betas[1]"), betas):
-        check_range(name, value, 0.0, 1.0)
-    if betas[0] == 1.0:
-        raise ValueError(f"Invalid betas[0]: {betas[0]!r} (must be in [0.0, 1.0))")
+    return check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True), check_range("betas[1]", betas[1], 0.0, 1.0)
 
 
 class AdaFisherW(AdaFisher):

@@ -34,7 +34,7 @@ from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
 from kronfac.optim import checkpoint
 from kronfac.optim.corrections.base import Correction, CorrectionContext
-from kronfac.optim.options import CALLABLE, CaptureOptions, check_positive_int, resolve
+from kronfac.optim.options import CALLABLE, CaptureOptions, check_positive_int, check_range, resolve
 from kronfac.optim.types import GroupStep
 
 __all__ = ["GroupStep", "KronOptimizer", "WeightDecay"]
@@ -48,6 +48,14 @@ class WeightDecay(str, Enum):
     GRADIENT = "gradient"
     DIRECTION = "direction"
     DECOUPLED = "decoupled"
+
+
+#: The range of every hyperparameter that may be a schedule of the step, checked each time it is evaluated.
+SCHEDULE_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"low": 0.0},
+    "damping": {"low": 0.0, "low_open": True},
+    "lr_cov": {"low": 0.0},
+}
 
 
 def _keep(tensors: list[Tensor]) -> None:
@@ -88,8 +96,8 @@ class KronOptimizer(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"kronfac optimizers take the model (an nn.Module), got {type(model).__name__}")
-        check_positive_int("factor_every", factor_every)
-        check_positive_int("refresh_every", refresh_every)
+        factor_every = check_positive_int("factor_every", factor_every)
+        refresh_every = check_positive_int("refresh_every", refresh_every)
         if not (distributed is None or isinstance(distributed, (bool, DistributedConfig))):
             raise ValueError(f"Invalid distributed: {distributed!r} (must be None, False or a DistributedConfig)")
         if correction is not None and not isinstance(correction, Correction):
@@ -246,8 +254,13 @@ class KronOptimizer(Optimizer):
             self.correction.close()
 
     def hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        """A group's hyperparameters at the current step (schedules called)."""
-        return {k: resolve(v, self.steps) for k, v in group.items() if k != "params"}
+        """A group's hyperparameters at the current step; schedules are called and their values checked (a
+        schedule that leaves its range raises ``ValueError`` naming the argument and the step)."""
+        hyper = {k: resolve(v, self.steps) for k, v in group.items() if k != "params"}
+        for key, value in group.items():
+            if callable(value) and key in SCHEDULE_RANGES:
+                hyper[key] = check_range(f"{key} at step {self.steps}", hyper[key], **SCHEDULE_RANGES[key])
+        return hyper
 
     @property
     def timings(self) -> dict[str, float]:

@@ -19,7 +19,7 @@ from kronfac.curvature.cg_block import CGBlock
 from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.optim.kfac import KFAC, KFAC_DEFAULTS
-from kronfac.optim.options import CaptureOptions, Schedule, check_positive_int, check_range
+from kronfac.optim.options import CaptureOptions, Schedule, check_bool, check_positive_int, check_range
 
 __all__ = ["CGFAC", "CGFAC_DEFAULTS"]
 
@@ -100,10 +100,11 @@ class CGFAC(KFAC):
         max_skipped: int = 10,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive_int("max_iters", max_iters)
-        check_range("tol", tol, 0.0)
-        check_positive_int("history", history)
-        self.max_iters, self.tol, self.history, self.warm_start = max_iters, float(tol), history, bool(warm_start)
+        max_iters = check_positive_int("max_iters", max_iters)
+        tol = check_range("tol", tol, 0.0)
+        history = check_positive_int("history", history)
+        self.max_iters, self.tol, self.history = max_iters, tol, history
+        self.warm_start = check_bool("warm_start", warm_start)
         super().__init__(
             model,
             lr,

@@ -110,14 +110,14 @@ class KFAC(KronOptimizer):
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())
-        check_range("lr", lr, 0.0)
-        check_range("momentum", momentum, 0.0, 1.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("damping", damping, 0.0, low_open=True)
-        check_range("factor_decay", factor_decay, 0.0, 1.0)
+        lr = check_range("lr", lr, 0.0)
+        momentum = check_range("momentum", momentum, 0.0, 1.0)
+        weight_decay = check_range("weight_decay", weight_decay, 0.0)
+        damping = check_range("damping", damping, 0.0, low_open=True)
+        factor_decay = check_range("factor_decay", factor_decay, 0.0, 1.0)
         if kl_clip is not None:
-            check_range("kl_clip", kl_clip, 0.0, low_open=True)
-        check_positive_int("inverse_every", inverse_every)
+            kl_clip = check_range("kl_clip", kl_clip, 0.0, low_open=True)
+        inverse_every = check_positive_int("inverse_every", inverse_every)
         inverse = EighConfig() if inverse is None else inverse
         if not isinstance(inverse, InverseConfig):
             raise ValueError(f"Invalid inverse: {inverse!r} (must be an InverseConfig such as EighConfig())")

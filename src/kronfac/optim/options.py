@@ -1,28 +1,36 @@
 """Argument checks and the capture options every kronfac optimizer takes with the same names and defaults.
 
-The checks raise ``ValueError`` naming the argument and its allowed range, as torch.optim does
-(``ValueError(f"Invalid learning rate: {lr}")``).
+The checks themselves live in :mod:`kronfac.validation` (shared with the config dataclasses below optim/).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from kronfac.curvature.block import Approximation
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType
+from kronfac.validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_float_dtype,
+    check_int,
+    check_positive_int,
+    check_range,
+)
 
 __all__ = [
     "CALLABLE",
     "CaptureOptions",
     "Schedule",
+    "check_bool",
     "check_choice",
+    "check_float_dtype",
     "check_positive_int",
     "check_range",
     "resolve",
@@ -33,39 +41,10 @@ CALLABLE = "<callable>"
 
 Schedule = float | Callable[[int], float]
 
-E = TypeVar("E", bound=Enum)
-
 
 def resolve(value: Any, step: int) -> Any:
     """A hyperparameter's value at ``step``: call it if it is a schedule, else return it unchanged."""
     return value(step) if callable(value) else value
-
-
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (``low < value`` if ``low_open``).
-    Callables are checked at step 0."""
-    checked = resolve(value, 0) if callable(value) else value
-    if not isinstance(checked, (int, float)) or isinstance(checked, bool) or math.isnan(checked):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number)")
-    below = checked <= low if low_open else checked < low
-    if below or checked > high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
-        raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (bools are refused)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-
-
-def check_choice(enum: type[E], name: str, value: Any) -> E:
-    """``enum(value)``, or ``ValueError`` naming ``name`` and the allowed values."""
-    try:
-        return enum(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum)
-        raise ValueError(f"Invalid {name}: {value!r} (must be one of {allowed})") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,18 +91,13 @@ class CaptureOptions:
         average = "sum" if self.loss_average is None else self.loss_average
         set_(self, "loss_average", check_choice(LossAverage, "loss_average", average))
         set_(self, "approx", check_choice(Approximation, "approx", self.approx))
-        check_positive_int("mc_samples", self.mc_samples)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"Invalid seed: {self.seed!r} (must be an integer)")
-        check_positive_int("max_skipped", self.max_skipped)
+        set_(self, "mc_samples", check_positive_int("mc_samples", self.mc_samples))
+        set_(self, "seed", check_int("seed", self.seed, 0, 2**63 - 1))
+        set_(self, "max_skipped", check_positive_int("max_skipped", self.max_skipped))
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid on_nonfinite: {self.on_nonfinite!r} (must be 'raise' or 'skip')")
-        if self.factor_dtype is not None and not (
-            isinstance(self.factor_dtype, torch.dtype) and self.factor_dtype.is_floating_point
-        ):
-            raise ValueError(f"Invalid factor_dtype: {self.factor_dtype!r} (must be None or a floating torch.dtype)")
-        if self.output_fn is not None and not callable(self.output_fn):
-            raise ValueError(f"Invalid output_fn: {self.output_fn!r} (must be None or a callable)")
+        check_float_dtype("factor_dtype", self.factor_dtype)
+        check_callable("output_fn", self.output_fn)
         if self.grad_scaler is not None and not callable(getattr(self.grad_scaler, "get_scale", None)):
             raise ValueError(f"Invalid grad_scaler: {self.grad_scaler!r} (must be None or a torch.amp.GradScaler)")
         if self.param_groups is not None:

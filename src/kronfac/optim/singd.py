@@ -21,7 +21,7 @@ from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.optim.base import KronOptimizer, WeightDecay
 from kronfac.optim.functional import momentum_state, momentum_update_
-from kronfac.optim.options import CaptureOptions, Schedule, check_range
+from kronfac.optim.options import CaptureOptions, Schedule, check_bool, check_float_dtype, check_range
 from kronfac.optim.types import GroupStep
 
 __all__ = ["SINGD", "SINGD_DEFAULTS"]
@@ -115,23 +115,19 @@ class SINGD(KronOptimizer):
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())
-        check_range("lr", lr, 0.0)
-        check_range("momentum", momentum, 0.0, 1.0)
-        check_range("weight_decay", weight_decay, 0.0)
-        check_range("damping", damping, 0.0, low_open=True)
-        check_range("lr_cov", lr_cov, 0.0)
-        check_range("alpha1", alpha1, 0.0, 1.0)
+        lr = check_range("lr", lr, 0.0)
+        momentum = check_range("momentum", momentum, 0.0, 1.0)
+        weight_decay = check_range("weight_decay", weight_decay, 0.0)
+        damping = check_range("damping", damping, 0.0, low_open=True)
+        lr_cov = check_range("lr_cov", lr_cov, 0.0)
+        alpha1 = check_range("alpha1", alpha1, 0.0, 1.0)
         if alpha1 >= 1.0:
             raise ValueError(f"Invalid alpha1: {alpha1!r} (must be in [0, 1))")
         _check_structures(structures)
         for group in options.param_groups or []:
             if "structures" in group:
                 _check_structures(group["structures"])
-        if preconditioner_dtype is not None and not (
-            isinstance(preconditioner_dtype, torch.dtype) and preconditioner_dtype.is_floating_point
-        ):
-            raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype!r} (must be None or a float dtype)")
-        self.preconditioner_dtype = preconditioner_dtype
+        self.preconditioner_dtype = check_float_dtype("preconditioner_dtype", preconditioner_dtype)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -139,7 +135,7 @@ class SINGD(KronOptimizer):
             "damping": damping,
             "lr_cov": lr_cov,
             "alpha1": alpha1,
-            "kfac_like": bool(kfac_like),
+            "kfac_like": check_bool("kfac_like", kfac_like),
             "structures": tuple(structures),
         }
         super().__init__(model, defaults, options, factor_every=factor_every, distributed=distributed)

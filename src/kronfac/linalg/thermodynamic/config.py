@@ -36,6 +36,7 @@ from kronfac.linalg.thermodynamic.hardware import (
     program_matrix,
 )
 from kronfac.linalg.thermodynamic.ou import check_spd
+from kronfac.validation import check_int
 
 __all__ = ["ThermodynamicConfig", "ThermodynamicInverse", "ThermodynamicSolveInverse"]
 
@@ -146,8 +147,14 @@ class ThermodynamicConfig(InverseConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in (1, 2):
+        if isinstance(self.method, bool) or self.method not in (1, 2):
             raise ValueError(f"Invalid method: {self.method!r} (must be 1 (inverses) or 2 (linear solves))")
+        self.method = check_int("method", self.method)
+        self.seed = check_int("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.hardware, HardwareModel):
+            raise ValueError(f"Invalid hardware: {self.hardware!r} (must be a HardwareModel)")
+        if not isinstance(self.schedule, SolverSchedule):
+            raise ValueError(f"Invalid schedule: {self.schedule!r} (must be a SolverSchedule)")
 
     def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> KroneckerInverse:
         if not (math.isfinite(damping) and damping > 0):

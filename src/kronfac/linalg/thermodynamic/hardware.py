@@ -39,6 +39,7 @@ from torch import Tensor
 
 from kronfac.linalg.thermodynamic.ou import OUMode, simulate_ou
 from kronfac.linalg.thermodynamic.quantize import check_bits, quantize
+from kronfac.validation import check_bool, check_int, check_positive_int, check_range
 
 __all__ = [
     "DeviceReport",
@@ -85,14 +86,11 @@ class HardwareModel:
     def __post_init__(self) -> None:
         check_bits(self.input_bits, "input_bits")
         check_bits(self.output_bits, "output_bits")
-        if not (math.isfinite(self.analog_noise) and self.analog_noise >= 0):
-            raise ValueError(f"Invalid analog_noise: {self.analog_noise} (must be >= 0)")
-        if self.solver_dim is not None and self.solver_dim < 1:
-            raise ValueError(f"Invalid solver_dim: {self.solver_dim} (must be >= 1 or None)")
-        if not (math.isfinite(self.time_constant) and self.time_constant > 0):
-            raise ValueError(f"Invalid time_constant: {self.time_constant} (must be > 0 seconds)")
-        if not (math.isfinite(self.io_bandwidth) and self.io_bandwidth > 0):
-            raise ValueError(f"Invalid io_bandwidth: {self.io_bandwidth} (must be > 0 bits per second)")
+        self.analog_noise = check_range("analog_noise", self.analog_noise, 0.0)
+        self.solver_dim = None if self.solver_dim is None else check_positive_int("solver_dim", self.solver_dim)
+        self.time_constant = check_range("time_constant (seconds)", self.time_constant, 0.0, low_open=True)
+        self.io_bandwidth = check_range("io_bandwidth (bits per second)", self.io_bandwidth, 0.0, low_open=True)
+        self.stabilize = check_bool("stabilize", self.stabilize)
 
     @property
     def input_value_bits(self) -> int:
@@ -101,6 +99,12 @@ class HardwareModel:
     @property
     def output_value_bits(self) -> int:
         return UNQUANTIZED_BITS if self.output_bits is None else self.output_bits
+
+
+#: Simulated time steps one read-out of the solver may take (the default schedule takes 266), and steps times
+#: chains: a bound on the work of one simulated solve (~1 s of CPU for a 64-dim block at the bound).
+MAX_SOLVER_STEPS = 100_000
+MAX_SOLVER_WORK = 2_000_000
 
 
 @dataclass(kw_only=True)
@@ -126,20 +130,23 @@ class SolverSchedule:
     num_batches: int = 10
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.dt) and self.dt > 0):
-            raise ValueError(f"Invalid dt: {self.dt} (must be > 0)")
-        if not (math.isfinite(self.burn_in) and self.burn_in >= 0):
-            raise ValueError(f"Invalid burn_in: {self.burn_in} (must be >= 0)")
-        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
-            raise ValueError(f"Invalid duration: {self.duration} (must be > 0 or None)")
-        if self.num_samples < 2:
-            raise ValueError(f"Invalid num_samples: {self.num_samples} (must be >= 2)")
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"Invalid beta: {self.beta} (must be > 0)")
-        if self.num_chains < 1:
-            raise ValueError(f"Invalid num_chains: {self.num_chains} (must be >= 1)")
-        if self.num_batches < 2:
-            raise ValueError(f"Invalid num_batches: {self.num_batches} (must be >= 2)")
+        self.dt = check_range("dt", self.dt, 0.0, low_open=True)
+        self.burn_in = check_range("burn_in", self.burn_in, 0.0)
+        if self.duration is not None:
+            self.duration = check_range("duration", self.duration, 0.0, low_open=True)
+        self.num_samples = check_int("num_samples", self.num_samples, 2)
+        self.beta = check_range("beta", self.beta, 0.0, low_open=True)
+        self.num_chains = check_positive_int("num_chains", self.num_chains)
+        self.num_batches = check_int("num_batches", self.num_batches, 2)
+        # Bounded work (also when a schedule arrives inside a checkpoint): the simulator takes one step per dt.
+        sampling = self.duration if self.duration is not None else self.num_samples * self.dt
+        steps = (self.burn_in + sampling) / self.dt
+        if steps > MAX_SOLVER_STEPS or steps * self.num_chains > MAX_SOLVER_WORK:
+            raise ValueError(
+                f"Invalid SolverSchedule: {steps:.3g} steps x {self.num_chains} chains per read-out exceeds the "
+                f"budget ({MAX_SOLVER_STEPS:.0e} steps, {MAX_SOLVER_WORK:.0e} chain-steps); shorten burn_in or "
+                "duration, raise dt, or use fewer samples or chains"
+            )
 
     def simulator_kwargs(self) -> dict[str, Any]:
         length: dict[str, Any] = (

@@ -43,8 +43,8 @@ from kronfac.curvature.kfac_block import KFACBlock
 from kronfac.linalg.base import KroneckerInverse, build_inverse, inverse_from_state, inverse_to_state
 from kronfac.optim.corrections.base import Correction, CorrectionContext
 from kronfac.optim.corrections.wake import WakeRefinement, clone_state
-from kronfac.optim.options import check_positive_int
 from kronfac.optim.types import GroupStep
+from kronfac.validation import check_bool, check_int, check_positive_int, check_range
 
 __all__ = ["KLDWRM", "KLDWRMVariant"]
 
@@ -92,13 +92,11 @@ class KLDWRM(Correction):
             self.variant = KLDWRMVariant(variant)
         except ValueError:
             raise ValueError(f"Invalid variant: {variant!r} (must be one of 'so', 'q', 'qe')") from None
-        if rho is not None and not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
-            raise ValueError(f"Invalid rho: {rho!r} (must be in [0, 1) or None)")
-        if not isinstance(inner_steps, int) or inner_steps < 0:
-            raise ValueError(f"Invalid inner_steps: {inner_steps!r} (must be an integer >= 0)")
-        if not (isinstance(inner_lr, (int, float)) and inner_lr > 0):
-            raise ValueError(f"Invalid inner_lr: {inner_lr!r} (must be > 0)")
-        check_positive_int("networks", networks)
+        rho = None if rho is None else check_range("rho", rho, 0.0, 1.0, high_open=True)
+        inner_steps = check_int("inner_steps", inner_steps, 0)
+        inner_lr = check_range("inner_lr", inner_lr, 0.0, low_open=True)
+        inner_preconditioned = check_bool("inner_preconditioned", inner_preconditioned)
+        networks = check_positive_int("networks", networks)
         self.rho = rho
         self.carry: dict[str, tuple[Tensor, float]] = {}  # key -> (c_{k-1}, lr_{k-1})
         self.batch: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (A_k, G_k) batch factors (Q, QE)
