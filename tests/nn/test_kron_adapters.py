@@ -177,3 +177,26 @@ def test_remove_adapters_with_and_without_merge() -> None:
     remove_adapters(plain)
     torch.testing.assert_close(plain(X), reference, rtol=0, atol=0)
     assert not isinstance(plain[2].ffn, KronALinear)
+
+
+@pytest.mark.parametrize(
+    ("scale", "problem"),
+    [(0.0, "non-zero"), (float("nan"), "finite"), (float("inf"), "finite"), ("0.5", "number"), (True, "number")],
+)
+def test_invalid_scale_is_refused_before_the_model_changes(scale: object, problem: str) -> None:
+    model = _model()
+    before = [(n, p.requires_grad) for n, p in model.named_parameters()], [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=f"'2.ffn.0': Invalid scale: .*{problem}"):
+        add_kron_adapters(model, target_modules=["ffn.0"], scale=scale)  # type: ignore[arg-type]
+    assert (
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [n for n, _ in model.named_modules()],
+    ) == before
+
+
+def test_scale_must_fit_the_dtype_and_may_be_negative() -> None:
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        add_kron_adapters(_model().float(), target_modules=["ffn.0"], scale=1e39)
+    model = _model()
+    add_kron_adapters(model, target_modules=["ffn.0"], scale=-0.5)  # s (A ⊗ B) = |s| ((-A) ⊗ B): allowed
+    assert all(w.adapter.scale == -0.5 for w in adapter_modules(model).values())

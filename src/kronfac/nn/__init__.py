@@ -8,13 +8,8 @@ et al.
   :func:`unmerge_adapters`, :func:`remove_adapters`, :func:`save_adapters`, :func:`load_adapters`.
 """
 
-from kronfac.nn.adapter_ops import (
-    load_adapters,
-    merge_adapters,
-    remove_adapters,
-    save_adapters,
-    unmerge_adapters,
-)
+from kronfac.nn.adapter_files import load_adapters, save_adapters
+from kronfac.nn.adapter_ops import merge_adapters, remove_adapters, unmerge_adapters
 from kronfac.nn.adapters import (
     AdapterReport,
     KronABlock,

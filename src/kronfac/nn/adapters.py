@@ -40,9 +40,13 @@ __all__ = [
     "KronALinear",
     "KronAdapter",
     "Variant",
+    "adapter_features",
     "adapter_modules",
     "adapter_report",
     "add_kron_adapters",
+    "check_scale",
+    "make_wrapper",
+    "set_module",
     "wrap_module",
 ]
 
@@ -53,6 +57,28 @@ VARIANTS: tuple[str, ...] = ("krona", "krona_block", "krona_block_res")
 FactorSpec = int | KronShape | None
 
 
+def check_scale(scale: object, dtype: torch.dtype | None = None) -> float:
+    """``scale`` as a float if it can be the ``s`` of ``ΔW = s (A ⊗ B)`` (in ``dtype``, if given); else ``ValueError``.
+
+    ``s`` must be a finite number (one that ``dtype`` can hold, if given), and non-zero: with ``s = 0``, ``ΔW``
+    and the gradients of ``A`` and ``B`` (both proportional to ``s``) are zero, so the adapter does nothing and
+    can never train. A negative ``s`` is allowed: ``s (A ⊗ B) = |s| ((-A) ⊗ B)``.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise ValueError(f"Invalid scale: {scale!r}; must be a number (int or float)")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid scale: {value}; must be finite")
+    if value == 0:
+        raise ValueError(
+            "Invalid scale: 0; must be non-zero (s = 0 makes ΔW = s (A ⊗ B) and the gradients of A and B zero, "
+            "so the adapter could never train)"
+        )
+    if dtype is not None and abs(value) > torch.finfo(dtype).max:
+        raise ValueError(f"Invalid scale: {value:g}; overflows {dtype} (largest {torch.finfo(dtype).max:.4g})")
+    return value
+
+
 class KronAdapter(nn.Module):
     """The trainable part ``x ↦ s (A ⊗ B) x (+ r x)``.
 
@@ -60,10 +86,14 @@ class KronAdapter(nn.Module):
         in_features: ``d_in``.
         out_features: ``d_out``.
         factors: ``((m1, n1), (m2, n2))``.
-        scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``).
+        scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``): finite, non-zero, and held by ``dtype``
+            (see :func:`check_scale`; a negative ``s`` is the same as negating ``A``).
         residual: Add the learnable scalar residual ``r x`` (KronA^B_res); needs ``d_in = d_out``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
+
+    Raises:
+        ValueError: If the factors do not fit, the residual has ``d_in != d_out``, or the scale is invalid.
     """
 
     def __init__(
@@ -87,7 +117,7 @@ class KronAdapter(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.factor_shapes: KronShape = ((m1, n1), (m2, n2))
-        self.scale = float(scale)
+        self.scale = check_scale(scale, dtype or torch.get_default_dtype())
         self.kron_a = nn.Parameter(torch.zeros(m1, n1, device=device, dtype=dtype))
         self.kron_b = nn.Parameter(torch.empty(m2, n2, device=device, dtype=dtype))
         bound = 1.0 / math.sqrt(n2)  # LoRA-style Kaiming-uniform bound for the non-zero factor
@@ -216,16 +246,39 @@ def _target_matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target) or fnmatch.fnmatchcase(name, target)
 
 
-def _block_features(name: str, module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
+def adapter_features(name: str, module: nn.Module, variant: str) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an adapter of ``variant`` on ``model.<name>``, or ``ValueError`` if it cannot have one.
+
+    ``"krona"`` needs an ``nn.Linear``; block variants read the features from the module's first and last
+    ``nn.Linear``, and ``"krona_block_res"`` needs ``d_in = d_out``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
+    if isinstance(module, KronALinear | KronABlock):
+        raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
+    if variant == "krona" and not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"Cannot add a 'krona' adapter to {name!r}: it is {type(module).__name__}, not nn.Linear; "
+            "target Linear layers, or use variant='krona_block' for whole blocks"
+        )
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(
             f"Cannot add a block adapter to {name!r} ({type(module).__name__}): no nn.Linear inside to "
             "infer the input and output features (first Linear's in_features, last Linear's out_features)"
         )
-    return linears[0].in_features, linears[-1].out_features
+    d_in, d_out = linears[0].in_features, linears[-1].out_features
+    if variant == "krona_block_res" and d_in != d_out:
+        raise ValueError(
+            f"{name!r}: krona_block_res needs in == out features, got {d_in} -> {d_out}; use 'krona_block'"
+        )
+    return d_in, d_out
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype an adapter on ``module`` gets: that of its first parameter (torch's default without one)."""
+    ref = next(module.parameters(), None)
+    return ref.dtype if ref is not None else torch.get_default_dtype()
 
 
 def default_factors(out_features: int, in_features: int) -> KronShape:
@@ -263,40 +316,43 @@ def _spec_for(name: str, factors: FactorSpec | Mapping[str, FactorSpec]) -> Fact
     return factors
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``model.<name>`` (``name`` non-empty: the root cannot replace itself)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def wrap_module(model: nn.Module, name: str, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
-    """Wrap ``model.<name>`` in place with an adapter of the given variant and shapes (no freezing)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
-    module = model.get_submodule(name)
-    if isinstance(module, KronALinear | KronABlock):
-        raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
+def make_wrapper(name: str, module: nn.Module, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
+    """A new adapter of the given variant and shapes around ``module`` (``model.<name>``), not yet in the model.
+
+    The adapter lives on the device and in the dtype of ``module``'s first parameter, in its train/eval mode.
+    """
+    d_in, d_out = adapter_features(name, module, variant)
     ref = next(module.parameters(), None)
     kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    try:
+        adapter = KronAdapter(d_in, d_out, factors=factors, scale=scale, residual=variant == "krona_block_res", **kw)
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from err
     wrapper: AdapterWrapper
     if variant == "krona":
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"Cannot add a 'krona' adapter to {name!r}: it is {type(module).__name__}, not nn.Linear; "
-                "target Linear layers, or use variant='krona_block' for whole blocks"
-            )
-        adapter = KronAdapter(module.in_features, module.out_features, factors=factors, scale=scale, **kw)
+        assert isinstance(module, nn.Linear)  # adapter_features refuses anything else
         wrapper = KronALinear(module, adapter)
     else:
-        d_in, d_out = _block_features(name, module)
-        try:
-            adapter = KronAdapter(
-                d_in, d_out, factors=factors, scale=scale, residual=variant == "krona_block_res", **kw
-            )
-        except ValueError as err:
-            raise ValueError(f"{name!r}: {err}") from err
         wrapper = KronABlock(module, adapter, variant)
-    _set_module(model, name, wrapper)
+    # The new modules follow the wrapped one's train/eval mode (train() would also reset the base's children).
+    wrapper.training = module.training
+    adapter.train(module.training)
+    return wrapper
+
+
+def wrap_module(model: nn.Module, name: str, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
+    """Wrap ``model.<name>`` in place with an adapter of the given variant and shapes (no freezing)."""
+    if not name:
+        raise ValueError("Invalid module name: empty; the model itself cannot be wrapped (it would contain itself)")
+    wrapper = make_wrapper(name, model.get_submodule(name), variant, factors, scale)
+    set_module(model, name, wrapper)
     return wrapper
 
 
@@ -322,7 +378,7 @@ def add_kron_adapters(
             ``k x k``, ``B`` the rest), ``((m1, n1), (m2, n2))``, or a mapping from target pattern to one
             of these.
         variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"`` (see the module docstring).
-        scale: ``s`` multiplying ``A ⊗ B``.
+        scale: ``s`` multiplying ``A ⊗ B``; a finite non-zero number (see :func:`check_scale`).
         trainable: Extra module names/patterns (same matching) whose parameters stay trainable, e.g. a new
             head.
             They are not written by ``save_adapters``.
@@ -332,7 +388,8 @@ def add_kron_adapters(
 
     Raises:
         ValueError: For an unknown variant, a target that matches nothing or has the wrong type, factors that
-            do not fit, or a module that already has an adapter. The model is unchanged when this is raised.
+            do not fit, an invalid scale, or a module that already has an adapter. The model is unchanged when
+            this is raised.
     """
     if variant not in VARIANTS:
         raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
@@ -348,18 +405,11 @@ def add_kron_adapters(
     plan = []
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, KronALinear | KronABlock):
-            raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
-        if variant == "krona" and not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"Cannot add a 'krona' adapter to {name!r}: it is {type(module).__name__}, not nn.Linear; "
-                "target Linear layers, or use variant='krona_block' for whole blocks"
-            )
-        d_in, d_out = _block_features(name, module)
-        if variant == "krona_block_res" and d_in != d_out:
-            raise ValueError(
-                f"{name!r}: krona_block_res needs in == out features, got {d_in} -> {d_out}; use 'krona_block'"
-            )
+        d_in, d_out = adapter_features(name, module, variant)
+        try:
+            check_scale(scale, adapter_dtype(module))
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from err
         plan.append((name, resolve_adapter_factors(name, d_out, d_in, _spec_for(name, factors))))
     for p in model.parameters():
         p.requires_grad_(False)
