@@ -30,7 +30,8 @@ CATEGORIES: dict[str, tuple[list[str], str]] = {
         ["tests/test_validation.py"],
         r"test_numpy_scalars|test_schedules_are_checked",
     ),
-    "configuration: random configurations (hypothesis; a case is one constructor, 40 drawn configurations each), each builds and steps or names the argument": (
+    "configuration: random configurations (hypothesis; a case is one constructor, 40 drawn configurations "
+    "each), each builds and steps or names the argument": (
         ["tests/test_validation.py"],
         r"test_random_configurations",
     ),
@@ -42,7 +43,8 @@ CATEGORIES: dict[str, tuple[list[str], str]] = {
         ["tests/optim/test_generic.py"],
         r"test_distributed_checkpoint_round_trip",
     ),
-    "checkpoints: DCP on 2 gloo ranks, resumed on 2 ranks and in one process (one case covers every deterministic optimizer)": (
+    "checkpoints: DCP on 2 gloo ranks, resumed on 2 ranks and in one process (one case covers every "
+    "deterministic optimizer)": (
         ["tests/distributed/test_distributed_kfac.py"],
         r"test_distributed_checkpoint_resumes",
     ),
@@ -58,7 +60,8 @@ CATEGORIES: dict[str, tuple[list[str], str]] = {
         ["tests/optim/test_generic.py"],
         r"test_non_finite|test_consecutive_skips",
     ),
-    "adapter files: every test of tests/nn/test_adapter_files.py (47 corruptions x 2 targets and more; see the details page)": (
+    "adapter files: every test of tests/nn/test_adapter_files.py (47 corruptions x 2 targets and more; "
+    "see the details page)": (
         ["tests/nn/test_adapter_files.py"],
         r".",
     ),
