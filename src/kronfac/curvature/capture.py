@@ -47,8 +47,13 @@ class CaptureListener(Protocol):
 
 
 def first_tensor(output: Any) -> Tensor:
+    """The logits of a model output: the tensor itself, a ``.logits`` attribute (Hugging Face ``ModelOutput``),
+    or the first tensor of a dict, list or tuple."""
     if isinstance(output, Tensor):
         return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, (list, tuple)):
@@ -58,6 +63,12 @@ def first_tensor(output: Any) -> Tensor:
     raise TypeError(
         f"kronfac: cannot find the model output tensor in a {type(output).__name__}; pass output_fn= to pick it"
     )
+
+
+def _full_precision(rows: Tensor) -> Any:
+    """Statistics are outer products of rows: computed outside any autocast region (a bf16 matmul would round
+    ``A`` and ``G`` to 8 bits of mantissa), in the block's own dtype."""
+    return torch.autocast(rows.device.type, enabled=False)
 
 
 class Capture:
@@ -73,6 +84,8 @@ class Capture:
         seed: seed of the generator that samples labels (its state is part of the optimizer state).
         grad_scale: callable returning the current loss scale of a GradScaler (empirical Fisher only).
         output_fn: picks the logits from the model's output when it is not a tensor.
+        accumulation_steps: backward passes per optimizer step whose losses are each divided by this number
+            (the frameworks' gradient-accumulation convention); their output gradients are scaled back.
     """
 
     def __init__(
@@ -87,11 +100,13 @@ class Capture:
         seed: int = 0,
         grad_scale: Callable[[], float] | None = None,
         output_fn: Callable[[Any], Tensor] | None = None,
+        accumulation_steps: int = 1,
     ) -> None:
         self.model, self.layers = model, layers
         self.fisher_type, self.loss, self.loss_average = fisher_type, loss, loss_average
         self.mc_samples, self.seed = mc_samples, seed
         self.grad_scale, self.output_fn = grad_scale, output_fn
+        self.accumulation_steps = accumulation_steps
         self._handles: list[RemovableHandle] = []
         self._sampling = False
         self._count = 1
@@ -156,9 +171,12 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
+            if not module.training or args[0].numel() == 0:
+                return  # an eval-mode forward (metrics, generation) or an empty batch is not curvature data
             start = perf_counter() if self.listener is not None else 0.0
             rows = layer.helper.input_rows(module, args[0].detach())
-            layer.block.add_inputs(rows)
+            with _full_precision(rows):
+                layer.block.add_inputs(rows)
             count = self._row_count(rows)
             output.register_hook(lambda grad: self._grad_hook(layer, count, grad))
             if self.listener is not None:
@@ -175,16 +193,19 @@ class Capture:
         rows = layer.helper.output_grad_rows(layer.module, grad.detach())
         if sampled:
             # Sampled gradients are those of the summed loss: G = (1/M) Σ g g^T.
-            layer.block.add_output_grads(rows, 1.0 / row_count, self._count)
+            with _full_precision(rows):
+                layer.block.add_output_grads(rows, 1.0 / row_count, self._count)
             if self.listener is not None:
                 self.factor_seconds += perf_counter() - start
             return
-        if self.grad_scale is not None:
-            rows = rows / self.grad_scale()
-            if not bool(torch.isfinite(rows).all()):
-                return  # GradScaler will skip this step; keep the statistics clean
+        scale = (self.grad_scale() if self.grad_scale is not None else 1.0) / self.accumulation_steps
+        if scale != 1.0:
+            rows = rows / scale
+        if self.grad_scale is not None and not bool(torch.isfinite(rows).all()):
+            return  # GradScaler will skip this step; keep the statistics clean
         # The user's loss is averaged over M rows, grad = g / M: G = M Σ grad grad^T.
-        layer.block.add_output_grads(rows, float(row_count), 1)
+        with _full_precision(rows):
+            layer.block.add_output_grads(rows, float(row_count), 1)
         if self.listener is not None:
             # Complete once every forward call of the layer in this step has had its backward.
             self._open[layer.name] = left = self._open.get(layer.name, 1) - 1
@@ -196,6 +217,13 @@ class Capture:
         if not torch.is_grad_enabled():
             return
         logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
+        if logits.ndim == 0:
+            raise ValueError(
+                "kronfac: fisher_type='mc'/'type2' needs the model's logits, but its output is a 0-d tensor (a loss?); "
+                "pass output_fn= to pick the logits from the output"
+            )
+        if not self.model.training or logits.numel() == 0:
+            return
         if not logits.requires_grad or not bool(torch.isfinite(logits).all()):
             return  # non-finite outputs: the optimizer's gradient check reports them
         weights = [layer.params[0] for layer in self.layers]

@@ -83,7 +83,8 @@ class AdaFisher(KronOptimizer):
             see ``benchmarks/adafisher/ablation_norms.md``).
         distributed: as for :class:`~kronfac.KFAC` (``H`` and ``S`` statistics are summed over the ranks).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -121,6 +122,7 @@ class AdaFisher(KronOptimizer):
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
+        accumulation_steps: int = 1,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

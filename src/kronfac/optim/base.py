@@ -18,6 +18,7 @@ One step, for every method (the method supplies only its math: :meth:`KronOptimi
 from __future__ import annotations
 
 import warnings
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,23 @@ SCHEDULE_RANGES: dict[str, dict[str, Any]] = {
     "damping": {"low": 0.0, "low_open": True},
     "lr_cov": {"low": 0.0},
 }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def _close(capture: Capture, correction: Correction | None) -> None:
+    capture.close()
+    if correction is not None:
+        correction.close()
 
 
 def _keep(tensors: list[Tensor]) -> None:
@@ -102,6 +120,7 @@ class KronOptimizer(Optimizer):
             raise ValueError(f"Invalid distributed: {distributed!r} (must be None, False or a DistributedConfig)")
         if correction is not None and not isinstance(correction, Correction):
             raise ValueError(f"Invalid correction: {correction!r} (must be a Correction such as KLDWRM())")
+        model = unwrap(model)  # layer names (and checkpoint keys) are those of the plain model
         self.model, self.options = model, options
         self.factor_every, self.refresh_every = factor_every, refresh_every
         groups = options.param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -116,6 +135,7 @@ class KronOptimizer(Optimizer):
         self._warn_untracked(tracked)
 
         scaler = options.grad_scaler
+        scale_fn = scaler.get_scale if hasattr(scaler, "get_scale") else scaler
         self.capture = Capture(
             model,
             list(self.layers.values()),
@@ -124,12 +144,14 @@ class KronOptimizer(Optimizer):
             loss_average=options.loss_average,
             mc_samples=options.mc_samples,
             seed=options.seed,
-            grad_scale=scaler.get_scale if scaler is not None else None,
+            grad_scale=scale_fn,
             output_fn=options.output_fn,
+            accumulation_steps=options.accumulation_steps,
         )
         self.steps = 0
         self.num_skipped = 0
         self.consecutive_skipped = 0
+        self._constructed = False
         self.sync = self._make_sync(distributed)
         self.correction = correction
         if correction is not None:
@@ -138,6 +160,9 @@ class KronOptimizer(Optimizer):
             for p in group["params"]:
                 self.state[p].update(self.initial_state(p, group))
         self._schedule_capture()
+        # A discarded optimizer (Lightning's lr_find builds several) takes its hooks with it.
+        weakref.finalize(self, _close, self.capture, correction)
+        self._constructed = True
 
     # -- what a method supplies -------------------------------------------------------------------------
     @abstractmethod
@@ -248,10 +273,28 @@ class KronOptimizer(Optimizer):
                 self.capture.install()
 
     def close(self) -> None:
-        """Remove every hook this optimizer (and its correction) installed."""
-        self.capture.close()
-        if self.correction is not None:
-            self.correction.close()
+        """Remove every hook this optimizer (and its correction) installed (also done when it is collected)."""
+        _close(self.capture, self.correction)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the layers, their blocks and hooks are fixed when the optimizer is built
+        (torch.optim calls this for the initial groups, which pass)."""
+        if getattr(self, "_constructed", False):
+            raise ValueError(
+                f"{type(self).__name__}.add_param_group: kronfac optimizers fix their layers at construction; "
+                "build the optimizer with param_groups=[...] covering every group instead"
+            )
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; statistics of a full forward and backward pass that no ``step()`` took
+        (a step a GradScaler skipped for inf gradients) are dropped too, so they never fold into the next step."""
+        if any(layer.block.has_pending() for layer in self.layers.values()):
+            if self.sync is not None:
+                self.sync.discard()
+            for layer in self.layers.values():
+                layer.block.discard_pending()
+        super().zero_grad(set_to_none=set_to_none)
 
     def hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """A group's hyperparameters at the current step; schedules are called and their values checked (a

@@ -60,7 +60,8 @@ class CGFAC(KFAC):
             (λ = 1e-3) warm-started CG-FAC diverged while cold-started CG-FAC trained well.
         distributed: as for :class:`~kronfac.KFAC` (the rows of every rank are gathered).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -98,6 +99,7 @@ class CGFAC(KFAC):
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
+        accumulation_steps: int = 1,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         max_iters = check_positive_int("max_iters", max_iters)

@@ -70,7 +70,8 @@ class KFAC(KronOptimizer):
         distributed: ``None`` (average the curvature over the ranks when a process group with more than one
             rank is initialised), a :class:`~kronfac.DistributedConfig` (the strategy), or ``False``.
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -107,6 +108,7 @@ class KFAC(KronOptimizer):
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
+        accumulation_steps: int = 1,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

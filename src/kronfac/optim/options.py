@@ -61,9 +61,14 @@ class CaptureOptions:
         approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (conv locations, sequence entries).
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
         seed: seed of the label sampler.
-        grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from the captured gradients.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from the captured gradients, or a callable
+            returning the current scale (for a scaler a framework creates after the optimizer:
+            ``grad_scaler=lambda: trainer.scaler.get_scale()``).
         output_fn: picks the logits from a model output that is not a tensor.
         on_nonfinite: ``"raise"`` a ``FloatingPointError`` naming the layer, or ``"skip"`` the step.
+        accumulation_steps: backward passes per ``step()`` with each loss divided by this number (the
+            gradient-accumulation convention of Hugging Face, Lightning and accelerate); the curvature then equals
+            that of the full batch. Losses that are summed instead of divided keep the default 1.
         max_skipped: with ``"skip"``, this many consecutive skipped steps raise ``FloatingPointError`` naming
             what kept failing (a diverged run does not skip silently for ever).
         factor_dtype: storage dtype of the curvature statistics; ``None``: the layer's parameter dtype promoted
@@ -82,6 +87,7 @@ class CaptureOptions:
     output_fn: Callable[[Any], Tensor] | None = None
     on_nonfinite: str = "raise"
     max_skipped: int = 10
+    accumulation_steps: int = 1
     factor_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -98,8 +104,10 @@ class CaptureOptions:
             raise ValueError(f"Invalid on_nonfinite: {self.on_nonfinite!r} (must be 'raise' or 'skip')")
         check_float_dtype("factor_dtype", self.factor_dtype)
         check_callable("output_fn", self.output_fn)
-        if self.grad_scaler is not None and not callable(getattr(self.grad_scaler, "get_scale", None)):
-            raise ValueError(f"Invalid grad_scaler: {self.grad_scaler!r} (must be None or a torch.amp.GradScaler)")
+        set_(self, "accumulation_steps", check_positive_int("accumulation_steps", self.accumulation_steps))
+        scaler = self.grad_scaler
+        if not (scaler is None or callable(scaler) or callable(getattr(scaler, "get_scale", None))):
+            raise ValueError(f"Invalid grad_scaler: {scaler!r} (must be None, a GradScaler or a callable scale)")
         if self.param_groups is not None:
             set_(self, "param_groups", [dict(g) for g in self.param_groups])
 

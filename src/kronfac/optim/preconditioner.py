@@ -32,7 +32,8 @@ class KFACPreconditioner(KFAC):
             :class:`~kronfac.KFAC` (``kl_clip`` is off by default here).
         lr: learning rate assumed by the KL clip (ignored when ``kl_clip`` is None).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`).
+            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
         >>> import torch, kronfac
@@ -67,6 +68,7 @@ class KFACPreconditioner(KFAC):
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
+        accumulation_steps: int = 1,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(

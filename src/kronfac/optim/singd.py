@@ -72,7 +72,8 @@ class SINGD(KronOptimizer):
         preconditioner_dtype: dtype of ``K, C, m_K, m_C``; ``None`` uses each layer's parameter dtype.
         distributed: as for :class:`~kronfac.KFAC` (``H_K``, ``H_C`` are summed over the ranks).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, factor_dtype: the shared capture options (:class:`~kronfac.optim.options.CaptureOptions`;
+            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            (:class:`~kronfac.optim.options.CaptureOptions`;
             ``factor_dtype`` is ignored: SINGD keeps no factors, ``preconditioner_dtype`` sets its state's).
 
     Example:
@@ -112,6 +113,7 @@ class SINGD(KronOptimizer):
         output_fn: Callable[[Any], Tensor] | None = None,
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
+        accumulation_steps: int = 1,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

@@ -71,7 +71,7 @@ class WakeRefinement:
         self.steps, self.lr, self.networks, self.preconditioned = steps, lr, networks, preconditioned
         self.rho, self.batch, self.precondition = rho, batch, precondition
         self.snapshots: list[dict[str, Tensor]] = []  # newest first
-        self._inputs: tuple[Any, ...] | None = None
+        self._inputs: list[tuple[Any, ...]] = []  # the positional inputs of every training forward since the step
         self._handle: Any = None
         self._inner = False
         self._context: CorrectionContext | None = None
@@ -91,15 +91,16 @@ class WakeRefinement:
         return self._context
 
     def _save_inputs(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if torch.is_grad_enabled() and not self._inner:
-            self._inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        if torch.is_grad_enabled() and not self._inner and module.training:
+            self._inputs.append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
 
     def refine(self, steps: list[GroupStep]) -> list[GroupStep]:
         """Store the current parameters as the newest snapshot, then refine every group's directions."""
         current = {n: p.detach().clone() for n, p in self.context.model.named_parameters()}
         self.snapshots.insert(0, current)
         del self.snapshots[self.networks :]
-        if self._inputs is None or self.steps == 0:
+        if not self._inputs or self.steps == 0:
+            self._inputs.clear()
             return steps
         self._inner = True
         try:
@@ -107,29 +108,37 @@ class WakeRefinement:
                 self._refine(steps)
         finally:
             self._inner = False
+            self._inputs.clear()
         return steps
 
-    def _kl(self, target: Tensor, out: Tensor) -> Tensor:
-        classes = out.shape[-1]
-        rows = out.reshape(-1, classes)
-        ref = target.reshape(-1, classes).to(rows.dtype)
-        if self.context.loss is LossType.MSE:
-            total = (rows - ref).square().sum()
-        else:
-            log_p = torch.log_softmax(ref, dim=-1)
-            total = (log_p.exp() * (log_p - torch.log_softmax(rows, dim=-1))).sum()
+    def _kl(self, targets: list[Tensor], outs: list[Tensor]) -> Tensor:
+        """The KL (or squared distance) of the step's batch, averaged as the loss is, over its micro-batches
+        (several when gradients are accumulated)."""
+        total: Tensor | float = 0.0
+        samples = positions = 0
+        for target, out in zip(targets, outs):
+            classes = out.shape[-1]
+            rows = out.reshape(-1, classes)
+            ref = target.reshape(-1, classes).to(rows.dtype)
+            if self.context.loss is LossType.MSE:
+                total = total + (rows - ref).square().sum()
+            else:
+                log_p = torch.log_softmax(ref, dim=-1)
+                total = total + (log_p.exp() * (log_p - torch.log_softmax(rows, dim=-1))).sum()
+            samples, positions = samples + out.shape[0], positions + rows.shape[0]
+        assert isinstance(total, Tensor)
         if self.context.loss_average is LossAverage.BATCH:
-            return total / out.shape[0]
+            return total / samples
         if self.context.loss_average is LossAverage.BATCH_SEQUENCE:
-            return total / rows.shape[0]
+            return total / positions
         return total
 
-    def _output(self, params: dict[str, Tensor]) -> Tensor:
+    def _output(self, params: dict[str, Tensor]) -> list[Tensor]:
+        """The model's logits with ``params`` on every micro-batch of the step."""
         model = self.context.model
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        out = functional_call(model, {**params, **buffers}, self._inputs)
-        fn = self.context.output_fn
-        return fn(out) if fn is not None else first_tensor(out)
+        fn = self.context.output_fn or first_tensor
+        return [fn(functional_call(model, {**params, **buffers}, inputs)) for inputs in self._inputs]
 
     def _refine(self, steps: list[GroupStep]) -> None:
         names = self.context.param_names
