@@ -22,16 +22,22 @@ __all__ = ["Communicator", "DistributedTimeoutError", "FusionPlan", "PipelinedAl
 
 
 class DistributedTimeoutError(RuntimeError):
-    """A K-FAC collective failed or timed out: another rank died, hung, or called ``step`` a different number
+    """A kronfac collective failed or timed out: another rank died, hung, or called ``step`` a different number
     of times."""
 
 
 class Communicator:
-    """K-FAC's own process group (same ranks as the default group) plus waits that raise after ``timeout``.
+    """kronfac's own process group (same ranks as the default group) plus waits that raise after ``timeout``.
+
+    Creating the group waits for every rank to build its optimizer, at most ``timeout`` seconds.
+
+    Within a step (between :meth:`begin_step` and :meth:`end_step`) the waits share one budget of ``timeout``
+    seconds, so the step as a whole waits at most that long for the other ranks; outside a step each wait may
+    take ``timeout``.
 
     Args:
-        timeout: seconds a collective may take before :class:`DistributedTimeoutError`.
-        backend: backend of the group; ``None`` takes the default group's.
+        timeout: seconds before :class:`DistributedTimeoutError`.
+        backend: backend of ``group``; ``None`` takes the default group's.
     """
 
     def __init__(self, *, timeout: float, backend: str | None = None) -> None:
@@ -42,7 +48,16 @@ class Communicator:
             )
         self.timeout = timeout
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.group: Any = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
+        self._budget: float | None = None
+        span, what = timedelta(seconds=timeout), "the other ranks to build their kronfac optimizer"
+        self.group: Any = self._guard(lambda: dist.new_group(backend=backend, timeout=span), what)
+
+    def begin_step(self) -> None:
+        """Open a step: its waits share ``timeout`` seconds until :meth:`end_step`."""
+        self._budget = self.timeout
+
+    def end_step(self) -> None:
+        self._budget = None
 
     def all_reduce(self, tensor: Tensor, what: str) -> tuple[Any, str]:
         """Start a sum all-reduce of ``tensor`` in place; returns a handle for :meth:`wait`."""
@@ -60,21 +75,33 @@ class Communicator:
         return out
 
     def wait(self, handle: tuple[Any, str]) -> float:
-        """Block until the collective is done; return the seconds spent waiting."""
+        """Block until the collective is done (at most what is left of the step's budget, or ``timeout``
+        outside a step); return the seconds spent waiting."""
         work, what = handle
+        left = self.timeout if self._budget is None else self._budget
+        if left <= 0:
+            raise DistributedTimeoutError(self._message(what, "this step() has already waited its whole timeout"))
         start = perf_counter()
-        self._guard(lambda: work.wait(timeout=timedelta(seconds=self.timeout)), what)
-        return perf_counter() - start
+        try:
+            self._guard(lambda: work.wait(timeout=timedelta(seconds=left)), what)
+        finally:
+            waited = perf_counter() - start
+            if self._budget is not None:
+                self._budget -= waited
+        return waited
+
+    def _message(self, what: str, cause: str) -> str:
+        bound = f"timeout {self.timeout:g}s" + (" for all the waits of one step()" if self._budget is not None else "")
+        return (
+            f"kronfac: rank {self.rank} failed waiting for {what} ({bound}): another rank died, hung, or is "
+            f"elsewhere in its program (every rank must build the optimizer and call step() for every batch). {cause}"
+        )
 
     def _guard(self, call: Any, what: str) -> Any:
         try:
             return call()
         except RuntimeError as exc:  # gloo/NCCL timeouts and closed connections (DistBackendError included)
-            raise DistributedTimeoutError(
-                f"kronfac: rank {self.rank} failed waiting for {what} (timeout {self.timeout:g}s): another rank "
-                "died, hung, or did not call the same optimizer steps; every rank must call step() for every "
-                f"batch. Backend error: {exc}"
-            ) from exc
+            raise DistributedTimeoutError(self._message(what, f"Backend error: {exc}")) from exc
 
 
 class FusionPlan:

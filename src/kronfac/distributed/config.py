@@ -20,7 +20,8 @@ DEFAULT_BUCKET_BYTES = 4 * 2**20
 #: Factors of dimension <= 128 cost < 1 ms to decompose on a GPU; broadcasting their result would cost a
 #: round trip each, so every rank inverts them itself (SPD-KFAC's "small tensors are computed redundantly").
 DEFAULT_SMALL_FACTOR = 128
-#: Seconds a collective may wait for the other ranks before a DistributedTimeoutError is raised.
+#: Seconds the collectives of one step (or one collective outside a step) may wait for the other ranks before a
+#: DistributedTimeoutError is raised.
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -46,8 +47,10 @@ class DistributedConfig:
         small_factor_threshold: factors with dimension ``d <= small_factor_threshold`` are inverted on every
             rank; larger ones by one owner rank chosen by :class:`~kronfac.distributed.WorkAssignment`, which
             then broadcasts the result (spd).
-        timeout: seconds any K-FAC collective may wait before :class:`DistributedTimeoutError` is raised (a
-            dead or hung rank). Pass a matching ``timeout=`` to ``init_process_group`` for DDP's own traffic.
+        timeout: seconds the collectives of one ``step()`` may wait in all (outside a step: one collective)
+            before :class:`DistributedTimeoutError` is raised (a dead or hung rank); building the optimizer waits
+            at most as long for the other ranks. Pass a matching ``timeout=`` to ``init_process_group`` for
+            DDP's own traffic.
         learn_order: order the fused buffer by the order in which layers completed in the first curvature
             step (rank 0's), so buckets fill in backward order (spd); else reverse registration order.
         backend: backend of K-FAC's group (``"gloo"``, ``"nccl"``); ``None`` takes the default group's.

@@ -358,11 +358,13 @@ class CurvatureSync:
 
     # -- timing -----------------------------------------------------------------------------------------
     def begin_step(self) -> None:
+        self.comm.begin_step()
         self._step_begin = perf_counter()
 
     def end_step(self) -> None:
         """Close the step's time breakdown (see :attr:`timings`)."""
         now = perf_counter()
+        self.comm.end_step()
         if self._step_begin is None:
             return
         acc = self._acc
