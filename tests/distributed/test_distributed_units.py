@@ -159,6 +159,8 @@ def test_payload_round_trip(triangular: bool, diagonal_a: bool) -> None:
         ({"bucket_bytes": 0}, "bucket_bytes"),
         ({"small_factor_threshold": -1}, "small_factor_threshold"),
         ({"timeout": 0}, "timeout"),
+        ({"check_every": -1}, "check_every"),
+        ({"check_every": 2.0}, "check_every"),
         ({"backend": "tcp"}, "backend"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Collectives of distributed K-FAC: a dedicated process group, waits with a timeout, fused pipelined all-reduce.
+"""Collectives of distributed K-FAC: dedicated process groups, waits with a timeout, fused pipelined all-reduce.
 
 Dynamic tensor fusion follows SPD-KFAC (Shi, Zhang and Li, ICDCS 2021): every layer's statistics get a fixed
 segment of one flat buffer, the buffer is cut into buckets of at most ``bucket_bytes``, and a bucket's
@@ -27,9 +27,11 @@ class DistributedTimeoutError(RuntimeError):
 
 
 class Communicator:
-    """kronfac's own process group (same ranks as the default group) plus waits that raise after ``timeout``.
+    """kronfac's own process groups (same ranks as the default group) plus waits that raise after ``timeout``.
 
-    Creating the group waits for every rank to build its optimizer, at most ``timeout`` seconds.
+    Two groups: ``group`` (the configured backend) carries the curvature; ``control_group`` (gloo where
+    available) carries small control messages, the agreement check, so that they never meet a curvature
+    collective. Creating them waits for every rank to build its optimizer, at most ``timeout`` seconds.
 
     Within a step (between :meth:`begin_step` and :meth:`end_step`) the waits share one budget of ``timeout``
     seconds, so the step as a whole waits at most that long for the other ranks; outside a step each wait may
@@ -51,6 +53,8 @@ class Communicator:
         self._budget: float | None = None
         span, what = timedelta(seconds=timeout), "the other ranks to build their kronfac optimizer"
         self.group: Any = self._guard(lambda: dist.new_group(backend=backend, timeout=span), what)
+        control = "gloo" if dist.is_gloo_available() else backend
+        self.control_group: Any = self._guard(lambda: dist.new_group(backend=control, timeout=span), what)
 
     def begin_step(self) -> None:
         """Open a step: its waits share ``timeout`` seconds until :meth:`end_step`."""
@@ -69,10 +73,22 @@ class Communicator:
 
     def all_gather(self, tensor: Tensor, what: str) -> list[Tensor]:
         """Blocking all-gather (with the timeout)."""
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        handle = self._guard(lambda: dist.all_gather(out, tensor, group=self.group, async_op=True), what), what
-        self.wait(handle)
+        return self._all_gather(tensor, what, self.group)[0]
+
+    def all_gather_control(self, tensor: Tensor, what: str) -> tuple[list[Tensor], float]:
+        """Blocking all-gather of a CPU tensor on the control group; returns the parts and the seconds waited."""
+        return self._all_gather(tensor, what, self.control_group)
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's ``obj`` (pickled, on the control group; bounded by the group's timeout)."""
+        out: list[Any] = [None] * self.world_size
+        self._guard(lambda: dist.all_gather_object(out, obj, group=self.control_group), what)
         return out
+
+    def _all_gather(self, tensor: Tensor, what: str, group: Any) -> tuple[list[Tensor], float]:
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        handle = self._guard(lambda: dist.all_gather(out, tensor, group=group, async_op=True), what), what
+        return out, self.wait(handle)
 
     def wait(self, handle: tuple[Any, str]) -> float:
         """Block until the collective is done (at most what is left of the step's budget, or ``timeout``

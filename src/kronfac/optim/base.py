@@ -82,6 +82,8 @@ class KronOptimizer(Optimizer):
     #: Whether layers' gradients go through :meth:`direction` as matrices; ``False``: every parameter takes its
     #: own gradient and the kernel applies the curvature (AdaFisher divides its moment by ``F_D``).
     layer_directions: ClassVar[bool] = True
+    #: The constructor's name for ``refresh_every`` (K-FAC: ``inverse_every``), as the ranks' agreement check says it.
+    refresh_every_name: ClassVar[str] = "refresh_every"
 
     def __init__(
         self,
@@ -137,6 +139,8 @@ class KronOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p].update(self.initial_state(p, group))
+        if self.sync is not None:
+            self.sync.check_agreement(self.agreement_fields())
         self._schedule_capture()
 
     # -- what a method supplies -------------------------------------------------------------------------
@@ -214,6 +218,18 @@ class KronOptimizer(Optimizer):
         config = distributed if isinstance(distributed, DistributedConfig) else DistributedConfig()
         return CurvatureSync(list(self.layers.values()), self.capture, config)
 
+    def agreement_fields(self, hypers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What must be equal on every rank, for the distributed agreement check: the step, the periods, the
+        options that shape the statistics, the correction and each group's :meth:`hyper` at this step."""
+        hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
+        fields: dict[str, Any] = {"step": self.steps, "factor_every": self.factor_every}
+        fields[self.refresh_every_name] = self.refresh_every
+        agreed = ("fisher_type", "loss", "loss_average", "approx", "mc_samples", "on_nonfinite")
+        fields.update({f"options.{name}": getattr(self.options, name) for name in agreed})
+        fields["correction"] = self.correction
+        fields.update({f"param_groups[{i}].{key}": v for i, hyper in enumerate(hypers) for key, v in hyper.items()})
+        return fields
+
     def _correction_context(self) -> CorrectionContext:
         return CorrectionContext(
             model=self.model,
@@ -250,6 +266,8 @@ class KronOptimizer(Optimizer):
     def close(self) -> None:
         """Remove every hook this optimizer (and its correction) installed."""
         self.capture.close()
+        if self.sync is not None:
+            self.sync.close()
         if self.correction is not None:
             self.correction.close()
 
@@ -284,6 +302,8 @@ class KronOptimizer(Optimizer):
             self.sync.begin_step()
         ok = self._gradients_finite()
         hypers = [self.hyper(group) for group in self.param_groups]  # the step counter is fixed within a step
+        if self.sync is not None and self.sync.check_due():
+            self.sync.check_agreement(self.agreement_fields(hypers))
         if ok and self.curvature_due():
             ok = self.commit_curvature(hypers)
         if ok:
