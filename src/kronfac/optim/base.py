@@ -224,7 +224,7 @@ class KronOptimizer(Optimizer):
         hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
         fields: dict[str, Any] = {"step": self.steps, "factor_every": self.factor_every}
         fields[self.refresh_every_name] = self.refresh_every
-        agreed = ("fisher_type", "loss", "loss_average", "approx", "mc_samples", "on_nonfinite")
+        agreed = ("fisher_type", "loss", "loss_average", "approx", "mc_samples", "on_nonfinite", "max_skipped")
         fields.update({f"options.{name}": getattr(self.options, name) for name in agreed})
         fields["correction"] = self.correction
         fields.update({f"param_groups[{i}].{key}": v for i, hyper in enumerate(hypers) for key, v in hyper.items()})
