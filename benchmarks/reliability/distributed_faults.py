@@ -89,7 +89,7 @@ def _excerpt(record: dict[str, Any]) -> str:
     elif record.get("error") == "DistributedTimeoutError":
         text = re.sub(r"^kronfac: ", "", message).split(": another rank", 1)[0]
         backend = message.split("Backend error: ", 1)[-1] if "Backend error: " in message else ""
-        text += " … " + re.sub(r"\[[^\]]*\.cc:\d+\] ", "", backend)[:60] if backend else ""
+        text += " … " + re.sub(r"\[[^\]]*\.cc:\d+\] ", "", backend).split(". ")[0][:80] if backend else ""
     else:
         text = re.sub(r"\[[^\]]*\.cc:\d+\] ", "", message)[:90]
     return text.replace("|", "\\|").replace("\n", " ")
