@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +17,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import kronfac
-from kronfac.distributed import DistributedTimeoutError
 
 LOCAL_BATCH = 4
 STEPS = 5
@@ -208,34 +206,6 @@ def unused_worker(rank: int, world: int, strategy: str) -> dict:
     result["branch_a"] = block.a_factor.clone()  # type: ignore[attr-defined]
     result["never_a"] = opt.layers["never"].block.a_factor  # type: ignore[attr-defined]
     return result
-
-
-def timeout_worker(rank: int, world: int, timeout: float, mode: str) -> dict:
-    """Rank 1 hangs (``mode="hang"``) or dies (``"die"``) at the second step; rank 0 must fail with a clear
-    error within the timeout."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    config = kronfac.DistributedConfig(strategy="spd", timeout=timeout)
-    opt = kronfac.KFAC(model, distributed=config, inverse_every=1)
-    x, y = torch.randn(4, 4), torch.randint(0, 2, (4,))
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    if rank == 1:
-        if mode == "die":
-            torch.save({"died": True}, Path(os.environ["KRONFAC_TEST_OUT"]) / "rank1.pt")
-            os._exit(0)
-        time.sleep(timeout + 2.5)
-        return {"hung": True}
-    start = time.perf_counter()
-    try:
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        return {"error": None}
-    except DistributedTimeoutError as exc:
-        return {"error": str(exc), "elapsed": time.perf_counter() - start}
-
-
-timeout_worker.hard_exit = True  # type: ignore[attr-defined]
 
 
 # -- every registered optimizer under plain DDP, default arguments ------------------------------------------

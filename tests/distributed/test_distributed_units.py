@@ -1,7 +1,10 @@
-"""Single-process unit tests of the distributed pieces: config, placement balance, fusion buckets, payloads."""
+"""Single-process unit tests of the distributed pieces: config, placement balance, fusion buckets, payloads, the
+step's wait budget."""
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,7 +13,15 @@ from torch import nn
 
 import kronfac
 from kronfac.curvature.factors import KroneckerFactors
-from kronfac.distributed import DistributedConfig, FactorSpec, FusionPlan, PipelinedAllReduce, WorkAssignment
+from kronfac.distributed import (
+    Communicator,
+    DistributedConfig,
+    DistributedTimeoutError,
+    FactorSpec,
+    FusionPlan,
+    PipelinedAllReduce,
+    WorkAssignment,
+)
 from kronfac.distributed.payload import StatisticsPayload
 
 
@@ -148,6 +159,8 @@ def test_payload_round_trip(triangular: bool, diagonal_a: bool) -> None:
         ({"bucket_bytes": 0}, "bucket_bytes"),
         ({"small_factor_threshold": -1}, "small_factor_threshold"),
         ({"timeout": 0}, "timeout"),
+        ({"check_every": -1}, "check_every"),
+        ({"check_every": 2.0}, "check_every"),
         ({"backend": "tcp"}, "backend"),
     ],
 )
@@ -165,3 +178,36 @@ def test_config_needs_a_process_group_and_single_process_is_untouched() -> None:
         kronfac.KFAC(model, distributed="spd")  # type: ignore[arg-type]
     opt = kronfac.KFAC(model)
     assert opt.capture.listener is None and opt.timings == {}
+
+
+class _Work:
+    """A collective that completes after ``seconds`` (a slow peer); records the timeout it was waited with."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.timeout = seconds, 0.0
+
+    def wait(self, timeout: timedelta) -> bool:
+        self.timeout = timeout.total_seconds()
+        time.sleep(min(self.seconds, self.timeout))
+        if self.timeout < self.seconds:
+            raise RuntimeError("Operation timed out!")
+        return True
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_the_waits_of_one_step_share_the_timeout() -> None:
+    comm = Communicator(timeout=1.0)
+    comm.begin_step()
+    first, second, third = _Work(0.3), _Work(0.3), _Work(0.6)
+    w1 = comm.wait((first, "a"))
+    w2 = comm.wait((second, "b"))
+    assert first.timeout == pytest.approx(1.0) and second.timeout == pytest.approx(1.0 - w1, abs=0.01)
+    with pytest.raises(DistributedTimeoutError, match=r"failed waiting for c \(timeout 1s for all the waits of one"):
+        comm.wait((third, "c"))  # about 0.4 s left of the step's budget: the slow third collective fails
+    assert third.timeout == pytest.approx(1.0 - w1 - w2, abs=0.01)
+    with pytest.raises(DistributedTimeoutError, match="already waited its whole timeout"):
+        comm.wait((_Work(0.0), "d"))
+    comm.end_step()  # outside a step every wait has the whole timeout
+    outside = _Work(0.3)
+    comm.wait((outside, "e"))
+    assert outside.timeout == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""Collectives of distributed K-FAC: a dedicated process group, waits with a timeout, fused pipelined all-reduce.
+"""Collectives of distributed K-FAC: dedicated process groups, waits with a timeout, fused pipelined all-reduce.
 
 Dynamic tensor fusion follows SPD-KFAC (Shi, Zhang and Li, ICDCS 2021): every layer's statistics get a fixed
 segment of one flat buffer, the buffer is cut into buckets of at most ``bucket_bytes``, and a bucket's
@@ -22,16 +22,24 @@ __all__ = ["Communicator", "DistributedTimeoutError", "FusionPlan", "PipelinedAl
 
 
 class DistributedTimeoutError(RuntimeError):
-    """A K-FAC collective failed or timed out: another rank died, hung, or called ``step`` a different number
+    """A kronfac collective failed or timed out: another rank died, hung, or called ``step`` a different number
     of times."""
 
 
 class Communicator:
-    """K-FAC's own process group (same ranks as the default group) plus waits that raise after ``timeout``.
+    """kronfac's own process groups (same ranks as the default group) plus waits that raise after ``timeout``.
+
+    Two groups: ``group`` (the configured backend) carries the curvature; ``control_group`` (gloo where
+    available) carries small control messages, the agreement check, so that they never meet a curvature
+    collective. Creating them waits for every rank to build its optimizer, at most ``timeout`` seconds.
+
+    Within a step (between :meth:`begin_step` and :meth:`end_step`) the waits share one budget of ``timeout``
+    seconds, so the step as a whole waits at most that long for the other ranks; outside a step each wait may
+    take ``timeout``.
 
     Args:
-        timeout: seconds a collective may take before :class:`DistributedTimeoutError`.
-        backend: backend of the group; ``None`` takes the default group's.
+        timeout: seconds before :class:`DistributedTimeoutError`.
+        backend: backend of ``group``; ``None`` takes the default group's.
     """
 
     def __init__(self, *, timeout: float, backend: str | None = None) -> None:
@@ -42,7 +50,18 @@ class Communicator:
             )
         self.timeout = timeout
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.group: Any = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
+        self._budget: float | None = None
+        span, what = timedelta(seconds=timeout), "the other ranks to build their kronfac optimizer"
+        self.group: Any = self._guard(lambda: dist.new_group(backend=backend, timeout=span), what)
+        control = "gloo" if dist.is_gloo_available() else backend
+        self.control_group: Any = self._guard(lambda: dist.new_group(backend=control, timeout=span), what)
+
+    def begin_step(self) -> None:
+        """Open a step: its waits share ``timeout`` seconds until :meth:`end_step`."""
+        self._budget = self.timeout
+
+    def end_step(self) -> None:
+        self._budget = None
 
     def all_reduce(self, tensor: Tensor, what: str) -> tuple[Any, str]:
         """Start a sum all-reduce of ``tensor`` in place; returns a handle for :meth:`wait`."""
@@ -54,27 +73,51 @@ class Communicator:
 
     def all_gather(self, tensor: Tensor, what: str) -> list[Tensor]:
         """Blocking all-gather (with the timeout)."""
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        handle = self._guard(lambda: dist.all_gather(out, tensor, group=self.group, async_op=True), what), what
-        self.wait(handle)
+        return self._all_gather(tensor, what, self.group)[0]
+
+    def all_gather_control(self, tensor: Tensor, what: str) -> tuple[list[Tensor], float]:
+        """Blocking all-gather of a CPU tensor on the control group; returns the parts and the seconds waited."""
+        return self._all_gather(tensor, what, self.control_group)
+
+    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's ``obj`` (pickled, on the control group; bounded by the group's timeout)."""
+        out: list[Any] = [None] * self.world_size
+        self._guard(lambda: dist.all_gather_object(out, obj, group=self.control_group), what)
         return out
 
+    def _all_gather(self, tensor: Tensor, what: str, group: Any) -> tuple[list[Tensor], float]:
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        handle = self._guard(lambda: dist.all_gather(out, tensor, group=group, async_op=True), what), what
+        return out, self.wait(handle)
+
     def wait(self, handle: tuple[Any, str]) -> float:
-        """Block until the collective is done; return the seconds spent waiting."""
+        """Block until the collective is done (at most what is left of the step's budget, or ``timeout``
+        outside a step); return the seconds spent waiting."""
         work, what = handle
+        left = self.timeout if self._budget is None else self._budget
+        if left <= 0:
+            raise DistributedTimeoutError(self._message(what, "this step() has already waited its whole timeout"))
         start = perf_counter()
-        self._guard(lambda: work.wait(timeout=timedelta(seconds=self.timeout)), what)
-        return perf_counter() - start
+        try:
+            self._guard(lambda: work.wait(timeout=timedelta(seconds=left)), what)
+        finally:
+            waited = perf_counter() - start
+            if self._budget is not None:
+                self._budget -= waited
+        return waited
+
+    def _message(self, what: str, cause: str) -> str:
+        bound = f"timeout {self.timeout:g}s" + (" for all the waits of one step()" if self._budget is not None else "")
+        return (
+            f"kronfac: rank {self.rank} failed waiting for {what} ({bound}): another rank died, hung, or is "
+            f"elsewhere in its program (every rank must build the optimizer and call step() for every batch). {cause}"
+        )
 
     def _guard(self, call: Any, what: str) -> Any:
         try:
             return call()
         except RuntimeError as exc:  # gloo/NCCL timeouts and closed connections (DistBackendError included)
-            raise DistributedTimeoutError(
-                f"kronfac: rank {self.rank} failed waiting for {what} (timeout {self.timeout:g}s): another rank "
-                "died, hung, or did not call the same optimizer steps; every rank must call step() for every "
-                f"batch. Backend error: {exc}"
-            ) from exc
+            raise DistributedTimeoutError(self._message(what, f"Backend error: {exc}")) from exc
 
 
 class FusionPlan:

@@ -20,8 +20,12 @@ DEFAULT_BUCKET_BYTES = 4 * 2**20
 #: Factors of dimension <= 128 cost < 1 ms to decompose on a GPU; broadcasting their result would cost a
 #: round trip each, so every rank inverts them itself (SPD-KFAC's "small tensors are computed redundantly").
 DEFAULT_SMALL_FACTOR = 128
-#: Seconds a collective may wait for the other ranks before a DistributedTimeoutError is raised.
+#: Seconds the collectives of one step (or one collective outside a step) may wait for the other ranks before a
+#: DistributedTimeoutError is raised.
 DEFAULT_TIMEOUT = 300.0
+#: The ranks compare what must agree every 10 step() calls: K-FAC's default inverse_every, and one 8-byte
+#: all-gather per 10 steps costs well under 0.1% of a step (docs/reliability_distributed.md measures it).
+DEFAULT_CHECK_EVERY = 10
 
 
 class Strategy(str, Enum):
@@ -46,8 +50,14 @@ class DistributedConfig:
         small_factor_threshold: factors with dimension ``d <= small_factor_threshold`` are inverted on every
             rank; larger ones by one owner rank chosen by :class:`~kronfac.distributed.WorkAssignment`, which
             then broadcasts the result (spd).
-        timeout: seconds any K-FAC collective may wait before :class:`DistributedTimeoutError` is raised (a
-            dead or hung rank). Pass a matching ``timeout=`` to ``init_process_group`` for DDP's own traffic.
+        timeout: seconds the collectives of one ``step()`` may wait in all (outside a step: one collective)
+            before :class:`DistributedTimeoutError` is raised (a dead or hung rank); building the optimizer waits
+            at most as long for the other ranks. Pass a matching ``timeout=`` to ``init_process_group`` for
+            DDP's own traffic.
+        check_every: the ranks compare everything that must agree (layers, periods, options, each group's
+            hyperparameters at the step, the step, the backward passes) at construction, at the first
+            ``step()`` call and every ``check_every`` calls; a difference raises
+            :class:`~kronfac.distributed.RankMismatchError` on every rank. ``0``: at construction only.
         learn_order: order the fused buffer by the order in which layers completed in the first curvature
             step (rank 0's), so buckets fill in backward order (spd); else reverse registration order.
         backend: backend of K-FAC's group (``"gloo"``, ``"nccl"``); ``None`` takes the default group's.
@@ -57,6 +67,7 @@ class DistributedConfig:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     small_factor_threshold: int = DEFAULT_SMALL_FACTOR
     timeout: float = DEFAULT_TIMEOUT
+    check_every: int = DEFAULT_CHECK_EVERY
     learn_order: bool = True
     backend: str | None = None
 
@@ -69,5 +80,6 @@ class DistributedConfig:
         self.small_factor_threshold = check_int("small_factor_threshold", self.small_factor_threshold, 0)
         self.timeout = check_range("timeout (seconds)", self.timeout, 0.0, low_open=True)
         self.learn_order = check_bool("learn_order", self.learn_order)
+        self.check_every = check_int("check_every", self.check_every, 0)
         if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc"):
             raise ValueError(f"Invalid backend: {self.backend!r} (must be None, 'gloo', 'nccl', 'mpi' or 'ucc')")

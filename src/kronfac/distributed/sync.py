@@ -22,7 +22,7 @@ Strategies (Shi, Zhang and Li, ICDCS 2021; Pauloski et al., SC 2021):
 from __future__ import annotations
 
 import warnings
-import zlib
+from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from kronfac.curvature.block import CurvatureBlock, PendingStatistics
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.kfac_block import KFACBlock
+from kronfac.distributed.agreement import AgreementCheck, BackwardCounter, canonical
 from kronfac.distributed.assignment import FactorSpec, WorkAssignment
 from kronfac.distributed.communicator import Communicator, FusionPlan, PipelinedAllReduce
 from kronfac.distributed.config import DistributedConfig, Strategy
@@ -62,7 +63,7 @@ class CurvatureSync:
 
     Raises:
         RuntimeError: no process group is initialised.
-        ValueError: the ranks hold different models or configs.
+        DistributedTimeoutError: the other ranks did not build theirs within ``config.timeout``.
     """
 
     def __init__(self, layers: list[TrackedLayer], capture: Capture, config: DistributedConfig) -> None:
@@ -71,7 +72,9 @@ class CurvatureSync:
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.layers = layers
         self.spd = config.strategy is Strategy.SPD
-        self._check_same_model()
+        self.counter = BackwardCounter([layer.params[0] for layer in layers if layer.params])
+        self.agreement = AgreementCheck(self.comm, self._static_fields(), config.check_every, self.counter)
+        self._calls = 0  # step() calls since construction (the agreement check's clock)
         fused = [layer for layer in layers if StatisticsPayload.supports(layer.block)]
         #: Layers whose statistics are rows of varying length (CG-FAC): gathered, never fused.
         self.gathered = [layer for layer in layers if layer not in fused]
@@ -118,39 +121,49 @@ class CurvatureSync:
         threshold = self.config.small_factor_threshold
         self.assignment = WorkAssignment(specs, self.world_size, small_factor_threshold=threshold)
 
-    # -- start-up checks --------------------------------------------------------------------------------
-    def _signature(self) -> list[str]:
+    # -- agreement of the ranks ------------------------------------------------------------------------
+    def _static_fields(self) -> dict[str, str]:
+        """What the sync itself needs equal on every rank: its config and the layers."""
         config = self.config
-        head = f"strategy={Strategy(config.strategy).value} bucket_bytes={config.bucket_bytes} "
-        head += f"small_factor_threshold={config.small_factor_threshold}"
-        items = [head]
+        fields = {
+            f"distributed.{name}": canonical(getattr(config, name))
+            for name in ("strategy", "bucket_bytes", "small_factor_threshold", "learn_order", "check_every")
+        }
         for layer in self.layers:
             d_in, d_out = layer.helper.dims(layer.module)
             block = layer.block
-            items.append(
-                f"layer {layer.name!r}: {type(block).__name__} d_in={d_in} d_out={d_out} "
-                f"diag={layer.helper.diagonal_a} dtype={getattr(block, 'dtype', None)}"
+            fields[f"layer {layer.name!r}"] = (
+                f"{type(block).__name__} d_in={d_in} d_out={d_out} diag={layer.helper.diagonal_a} "
+                f"dtype={getattr(block, 'dtype', None)} inverse={canonical(getattr(block, 'inverse_config', None))}"
             )
-        return items
+        return fields
 
-    def _check_same_model(self) -> None:
-        items = self._signature()
-        digest = torch.tensor([len(items), zlib.crc32("\n".join(items).encode())], dtype=torch.int64)
-        if dist.get_backend(self.comm.group) == "nccl":
-            digest = digest.cuda()
-        gathered = self.comm.all_gather(digest, "the start-up model check")
-        if all(torch.equal(g, gathered[0]) for g in gathered):
-            return
-        every: list[Any] = [None] * self.world_size
-        dist.all_gather_object(every, items, group=self.comm.group)
-        lines = []
-        for rank, theirs in enumerate(every):
-            diff = next((f"{a} vs {b}" for a, b in zip(every[0], theirs) if a != b), None)
-            if diff is None and len(theirs) != len(every[0]):
-                diff = f"{len(every[0]) - 1} layers vs {len(theirs) - 1}"
-            if diff is not None:
-                lines.append(f"rank 0 vs rank {rank}: {diff}")
-        raise ValueError("kronfac: the ranks hold different models or distributed configs: " + "; ".join(lines))
+    def check_due(self) -> bool:
+        """Whether this step() call compares the ranks (the first call, then every ``check_every``)."""
+        return self.agreement.due(self._calls)
+
+    def check_agreement(self, fields: Mapping[str, Any]) -> None:
+        """Compare ``fields`` (plus the layers, the config and the backward passes) over the ranks; raises
+        :class:`~kronfac.distributed.RankMismatchError` on every rank if any differs. Called by the optimizer at
+        construction and on :meth:`check_due` steps; every rank must call it alike.
+
+        Args:
+            fields: ``{name: value}`` of what must agree; a ``"step"`` entry names the step in the message.
+
+        Raises:
+            RankMismatchError: a field differs between ranks (raised on every rank, naming each value).
+            DistributedTimeoutError: another rank did not check within the timeout.
+        """
+        try:
+            self._acc["comm_wait"] += self.agreement.check(fields, self._calls)
+        except Exception:
+            if self._calls == 0:
+                self.close()  # the optimizer is not built: leave the model without our hooks
+            raise
+
+    def close(self) -> None:
+        """Remove the hooks that count backward passes."""
+        self.counter.close()
 
     # -- fused statistics (spd) -------------------------------------------------------------------------
     def _set_plan(self, order: list[str]) -> None:
@@ -286,6 +299,12 @@ class CurvatureSync:
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(part.reshape(tensor.shape))
 
+    def statistics_dropped(self) -> None:
+        """The blocks dropped their pending statistics outside a step (a step a GradScaler skipped). Buckets sent
+        already are not recalled (that would change the sequence of collectives); they count as stale, so the
+        next step re-sends the statistics that replace them, as for gradient accumulation."""
+        self._written.clear()
+
     def discard(self) -> None:
         """A skipped step: finish the round's collectives (every rank skips alike) and drop the statistics."""
         if self._round is not None:
@@ -358,11 +377,14 @@ class CurvatureSync:
 
     # -- timing -----------------------------------------------------------------------------------------
     def begin_step(self) -> None:
+        self._calls += 1
+        self.comm.begin_step()
         self._step_begin = perf_counter()
 
     def end_step(self) -> None:
         """Close the step's time breakdown (see :attr:`timings`)."""
         now = perf_counter()
+        self.comm.end_step()
         if self._step_begin is None:
             return
         acc = self._acc

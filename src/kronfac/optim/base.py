@@ -70,8 +70,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _close(capture: Capture, correction: Correction | None) -> None:
+def _close(capture: Capture, sync: CurvatureSync | None, correction: Correction | None) -> None:
     capture.close()
+    if sync is not None:
+        sync.close()
     if correction is not None:
         correction.close()
 
@@ -100,6 +102,8 @@ class KronOptimizer(Optimizer):
     #: Whether layers' gradients go through :meth:`direction` as matrices; ``False``: every parameter takes its
     #: own gradient and the kernel applies the curvature (AdaFisher divides its moment by ``F_D``).
     layer_directions: ClassVar[bool] = True
+    #: The constructor's name for ``refresh_every`` (K-FAC: ``inverse_every``), as the ranks' agreement check says it.
+    refresh_every_name: ClassVar[str] = "refresh_every"
 
     def __init__(
         self,
@@ -159,9 +163,11 @@ class KronOptimizer(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p].update(self.initial_state(p, group))
+        if self.sync is not None:
+            self.sync.check_agreement(self.agreement_fields())
         self._schedule_capture()
         # A discarded optimizer (Lightning's lr_find builds several) takes its hooks with it.
-        weakref.finalize(self, _close, self.capture, correction)
+        weakref.finalize(self, _close, self.capture, self.sync, correction)
         self._constructed = True
 
     # -- what a method supplies -------------------------------------------------------------------------
@@ -239,6 +245,18 @@ class KronOptimizer(Optimizer):
         config = distributed if isinstance(distributed, DistributedConfig) else DistributedConfig()
         return CurvatureSync(list(self.layers.values()), self.capture, config)
 
+    def agreement_fields(self, hypers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What must be equal on every rank, for the distributed agreement check: the step, the periods, the
+        options that shape the statistics, the correction and each group's :meth:`hyper` at this step."""
+        hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
+        fields: dict[str, Any] = {"step": self.steps, "factor_every": self.factor_every}
+        fields[self.refresh_every_name] = self.refresh_every
+        agreed = ("fisher_type", "loss", "loss_average", "approx", "mc_samples", "on_nonfinite", "max_skipped")
+        fields.update({f"options.{name}": getattr(self.options, name) for name in agreed})
+        fields["correction"] = self.correction
+        fields.update({f"param_groups[{i}].{key}": v for i, hyper in enumerate(hypers) for key, v in hyper.items()})
+        return fields
+
     def _correction_context(self) -> CorrectionContext:
         return CorrectionContext(
             model=self.model,
@@ -274,7 +292,7 @@ class KronOptimizer(Optimizer):
 
     def close(self) -> None:
         """Remove every hook this optimizer (and its correction) installed (also done when it is collected)."""
-        _close(self.capture, self.correction)
+        _close(self.capture, self.sync, self.correction)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the layers, their blocks and hooks are fixed when the optimizer is built
@@ -291,7 +309,7 @@ class KronOptimizer(Optimizer):
         (a step a GradScaler skipped for inf gradients) are dropped too, so they never fold into the next step."""
         if any(layer.block.has_pending() for layer in self.layers.values()):
             if self.sync is not None:
-                self.sync.discard()
+                self.sync.statistics_dropped()
             for layer in self.layers.values():
                 layer.block.discard_pending()
         super().zero_grad(set_to_none=set_to_none)
@@ -327,6 +345,8 @@ class KronOptimizer(Optimizer):
             self.sync.begin_step()
         ok = self._gradients_finite()
         hypers = [self.hyper(group) for group in self.param_groups]  # the step counter is fixed within a step
+        if self.sync is not None and self.sync.check_due():
+            self.sync.check_agreement(self.agreement_fields(hypers))
         if ok and self.curvature_due():
             ok = self.commit_curvature(hypers)
         if ok:

@@ -82,6 +82,8 @@ class KFAC(KronOptimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
+    refresh_every_name = "inverse_every"
+
     def __init__(
         self,
         model: nn.Module,
