@@ -60,6 +60,11 @@ CATEGORIES: dict[str, tuple[list[str], str]] = {
         ["tests/optim/test_generic.py"],
         r"test_non_finite|test_consecutive_skips",
     ),
+    "distributed faults (2 gloo ranks): mismatched settings, skipped steps, other checkpoints, hung and dead "
+    "ranks, each ending in an error that names it within the timeout": (
+        ["tests/distributed/test_distributed_faults.py", "tests/distributed/test_agreement.py"],
+        r".",
+    ),
     "adapter files: every test of tests/nn/test_adapter_files.py (47 corruptions x 2 targets and more; "
     "see the details page)": (
         ["tests/nn/test_adapter_files.py"],
@@ -68,19 +73,19 @@ CATEGORIES: dict[str, tuple[list[str], str]] = {
 }
 
 
-def run(nodes: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """``test function -> [(case id, outcome)]`` for one pytest run over ``nodes``."""
+def run(nodes: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """``test function -> [(case id, outcome, module)]`` for one pytest run over ``nodes``."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *nodes]
         subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True)
-        cases: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        cases: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
         for case in ET.parse(xml).getroot().iter("testcase"):
             name = case.get("name", "")
             outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else "passed"
             if case.find("skipped") is not None:
                 outcome = "skipped"
-            cases[name.split("[")[0]].append((name, outcome))
+            cases[name.split("[")[0]].append((name, outcome, case.get("classname", "")))
         return cases
 
 
@@ -89,8 +94,14 @@ def main() -> None:
     nodes = sorted({node for paths, _ in CATEGORIES.values() for node in paths})
     cases = run(nodes)
     rows = []
-    for category, (_, pattern) in CATEGORIES.items():
-        picked = [o for fn, items in cases.items() if re.search(pattern, fn) for _, o in items]
+    for category, (paths, pattern) in CATEGORIES.items():
+        picked = [
+            outcome
+            for fn, items in cases.items()
+            if re.search(pattern, fn)
+            for case, outcome, file in items
+            if any(Path(path).stem in file for path in paths)
+        ]
         rows.append((category, len(picked), picked.count("passed"), picked.count("failed")))
     lines = [
         "# Reliability",
@@ -106,8 +117,8 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *[f"| {c} | {n} | {ok} | {bad} |" for c, n, ok, bad in rows],
         "",
-        "Details: [adapter files](reliability_adapters.md) (per corruption), distributed faults in",
-        "[distributed.md](distributed.md) and [reliability_distributed.md](reliability_distributed.md) when present.",
+        "Details: [adapter files](reliability_adapters.md) (per corruption) and",
+        "[distributed faults](reliability_distributed.md) (per scenario, with the time to the error).",
     ]
     OUT.write_text("\n".join(lines) + "\n")
     print(OUT.read_text())
