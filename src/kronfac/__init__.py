@@ -2,6 +2,7 @@
 
 from kronfac import nn
 from kronfac.distributed import DistributedConfig
+from kronfac.errors import KronfacRuntimeWarning, KronfacWarning
 from kronfac.linalg import CholeskyConfig, EighConfig, InverseConfig
 from kronfac.linalg.thermodynamic import HardwareModel, SolverSchedule, ThermodynamicConfig
 from kronfac.optim import CGFAC, KFAC, KLDWRM, SINGD, AdaFisher, AdaFisherW, KFACPreconditioner, KronOptimizer
@@ -22,6 +23,8 @@ __all__ = [
     "InverseConfig",
     "KFACPreconditioner",
     "KronOptimizer",
+    "KronfacRuntimeWarning",
+    "KronfacWarning",
     "SolverSchedule",
     "ThermodynamicConfig",
     "__version__",

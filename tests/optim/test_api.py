@@ -187,3 +187,21 @@ def test_no_import_cycles() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZER_CLASSES, ids=lambda c: c.__name__)
+def test_warnings_point_at_the_users_line(cls: type) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cls(model, norm_layers=False) if cls in (kronfac.AdaFisher, kronfac.AdaFisherW) else cls(model)
+    ours = [w for w in caught if issubclass(w.category, kronfac.KronfacWarning)]
+    assert ours and all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in caught]
+
+
+def test_cli_reports_its_version() -> None:
+    from kronfac.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0

@@ -11,12 +11,12 @@ NaN, and the layer keeps its previous inverse on every rank.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from kronfac.curvature.factors import KroneckerFactors
+from kronfac.errors import KronfacRuntimeWarning, warn
 from kronfac.linalg.base import InverseConfig, KroneckerInverse, symmetrize
 from kronfac.linalg.cholesky import CholeskyConfig, CholeskyInverse, pi_correction
 from kronfac.linalg.eigh import EighConfig, EighInverse
@@ -102,10 +102,9 @@ class FactorwiseInverse:
     ) -> KroneckerInverse | None:
         """Combine the two pieces; returns ``None`` (with a warning) when either is non-finite."""
         if not all(bool(torch.isfinite(p).all()) for p in pieces.values()):
-            warnings.warn(
+            warn(
                 f"kronfac: inverting the factors of layer {layer!r} failed; keeping the last good inverse",
-                RuntimeWarning,
-                stacklevel=3,
+                KronfacRuntimeWarning,
             )
             return None
         a_piece, g_piece = pieces["A"], pieces["G"]

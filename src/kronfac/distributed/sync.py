@@ -21,7 +21,7 @@ Strategies (Shi, Zhang and Li, ICDCS 2021; Pauloski et al., SC 2021):
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
@@ -38,6 +38,8 @@ from kronfac.distributed.communicator import Communicator, FusionPlan, Pipelined
 from kronfac.distributed.config import DistributedConfig, Strategy
 from kronfac.distributed.inverse_parts import FactorwiseInverse
 from kronfac.distributed.payload import StatisticsPayload
+
+logger = logging.getLogger("kronfac")
 
 __all__ = ["TIMING_KEYS", "CurvatureSync", "process_group_active"]
 
@@ -104,11 +106,10 @@ class CurvatureSync:
         configs = {type(block.inverse_config) for block in blocks}
         config = blocks[0].inverse_config
         if len(configs) != 1 or not FactorwiseInverse.supports(config):
-            warnings.warn(
-                f"kronfac: no per-factor split for {type(config).__name__}: every rank inverts every factor "
-                "(placement needs EighConfig or CholeskyConfig)",
-                UserWarning,
-                stacklevel=4,
+            logger.info(
+                "kronfac: no per-factor split for %s: every rank inverts every factor (placement needs "
+                "EighConfig or CholeskyConfig)",
+                type(config).__name__,
             )
             return
         self.factorwise = FactorwiseInverse(config)

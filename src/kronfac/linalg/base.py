@@ -11,13 +11,14 @@ float32, a failure is retried in float64, and if that fails too the last good in
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from kronfac.errors import KronfacRuntimeWarning, warn
 
 __all__ = ["InverseConfig", "KroneckerInverse", "build_inverse", "symmetrize"]
 
@@ -109,10 +110,9 @@ def build_inverse(
         if inverse.is_finite():
             return inverse
         error = FloatingPointError("non-finite inverse")
-    warnings.warn(
+    warn(
         f"kronfac: inverting the factors of layer {layer!r} failed ({error}); keeping the last good inverse"
         + ("" if previous is not None else " (none yet: the layer takes a damped gradient step)"),
-        RuntimeWarning,
-        stacklevel=3,
+        KronfacRuntimeWarning,
     )
     return previous

@@ -17,7 +17,6 @@ One step, for every method (the method supplies only its math: :meth:`KronOptimi
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from torch.optim import Optimizer
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active
+from kronfac.errors import KronfacRuntimeWarning, warn
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
 from kronfac.optim import checkpoint
 from kronfac.optim.corrections.base import Correction, CorrectionContext
@@ -206,7 +206,7 @@ class KronOptimizer(Optimizer):
             try:
                 helper.check(module)
             except UnsupportedModuleError as exc:
-                warnings.warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}", stacklevel=4)
+                warn(f"kronfac: layer {name!r} falls back to first-order updates: {exc}")
                 continue
             params = helper.params(module)
             groups = {group_of.get(p) for p in params}
@@ -230,11 +230,9 @@ class KronOptimizer(Optimizer):
             }
         )
         if owners:
-            warnings.warn(
+            warn(
                 f"kronfac: {type(self).__name__} has no Kronecker layer helper for the parameters of {owners}; "
-                "they get the first-order update",
-                UserWarning,
-                stacklevel=4,
+                "they get the first-order update"
             )
 
     def _make_sync(self, distributed: DistributedConfig | bool | None) -> CurvatureSync | None:
@@ -383,7 +381,7 @@ class KronOptimizer(Optimizer):
                 f"for {message}: the run has diverged (lower the learning rate or raise the damping; max_skipped "
                 "sets how many skips in a row are tolerated)"
             )
-        warnings.warn(f"kronfac: {message}; skipping the step", RuntimeWarning, stacklevel=4)
+        warn(f"kronfac: {message}; skipping the step", KronfacRuntimeWarning)
         return False
 
     def commit_curvature(self, hypers: list[dict[str, Any]] | None = None) -> bool:

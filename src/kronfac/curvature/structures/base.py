@@ -21,12 +21,13 @@ Structures are immutable values: every operation returns a new object.
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+
+from kronfac.errors import KronfacRuntimeWarning, warn
 
 __all__ = ["StructuredMatrix"]
 
@@ -175,11 +176,10 @@ class StructuredMatrix(ABC):
         key = (cls.__name__, method)
         if key not in _WARNED:
             _WARNED.add(key)
-            warnings.warn(
+            warn(
                 f"kronfac: {cls.__name__}.{method} uses the naive dense fallback (O(dim^2) memory); "
                 f"implement it with the structure to save memory and time",
-                RuntimeWarning,
-                stacklevel=3,
+                KronfacRuntimeWarning,
             )
 
     # ------------------------------------------------------------------ overridable, naive fallbacks
