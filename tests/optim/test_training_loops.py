@@ -234,3 +234,20 @@ def test_a_callable_grad_scale_is_accepted() -> None:
     reference.step()
     g_ours = opt.layers["2"].block.g_factor  # type: ignore[attr-defined]
     torch.testing.assert_close(g_ours, reference.layers["2"].block.g_factor, rtol=1e-10, atol=0)  # type: ignore[attr-defined]
+
+
+def test_include_and_exclude_choose_the_layers() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+    assert sorted(kronfac.KFAC(net, include=r"[02]").layers) == ["0", "2"]
+    assert sorted(kronfac.KFAC(net, exclude=["4"]).layers) == ["0", "2"]
+    opt = kronfac.KFAC(net, include=[r"\d"], exclude="2")
+    assert sorted(opt.layers) == ["0", "4"] and opt.first_order == ["2.weight", "2.bias"]
+    assert opt.summary() == "KFAC: 2 layers preconditioned (0, 4); 2 parameters first-order (2.weight, 2.bias)"
+    with pytest.raises(ValueError, match="match none"):
+        kronfac.KFAC(net, include=["decoder"])
+    with pytest.raises(ValueError, match="Invalid exclude"):
+        kronfac.KFAC(net, exclude="(")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluded layers are the user's choice: no "no helper" warning
+        kronfac.KFAC(net, exclude="2")

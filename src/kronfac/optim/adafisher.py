@@ -9,7 +9,7 @@ weight-decay mode, not a second copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -83,7 +83,7 @@ class AdaFisher(KronOptimizer):
             see ``benchmarks/adafisher/ablation_norms.md``).
         distributed: as for :class:`~kronfac.KFAC` (``H`` and ``S`` statistics are summed over the ranks).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
@@ -123,6 +123,8 @@ class AdaFisher(KronOptimizer):
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
         accumulation_steps: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

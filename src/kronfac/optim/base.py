@@ -199,9 +199,15 @@ class KronOptimizer(Optimizer):
     # -- construction -----------------------------------------------------------------------------------
     def _discover_layers(self) -> None:
         group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._deselected: set[nn.Parameter] = set()  # left first-order by include/exclude, not for lack of a helper
+        supported = []
         for name, module in self.model.named_modules():
             helper = self.helper_for(module)
             if helper is None:
+                continue
+            supported.append(name)
+            if not self.options.selects(name):
+                self._deselected.update(helper.params(module))
                 continue
             try:
                 helper.check(module)
@@ -219,6 +225,23 @@ class KronOptimizer(Optimizer):
             layer = TrackedLayer(name, module, helper, block, params)
             self.layers[name] = layer
             self.layer_groups[index].append(layer)
+        unmatched = self.options.unmatched_includes(supported)
+        if unmatched:
+            raise ValueError(f"Invalid include: {unmatched} match none of the supported layers {supported}")
+
+    @property
+    def first_order(self) -> list[str]:
+        """Names of the optimised parameters that take their gradient as it is (no curvature block)."""
+        tracked = {p for layer in self.layers.values() for p in layer.params}
+        return [self.param_names.get(p, "?") for g in self.param_groups for p in g["params"] if p not in tracked]
+
+    def summary(self) -> str:
+        """One line: which layers are preconditioned and which parameters are first-order."""
+        first = self.first_order
+        return (
+            f"{type(self).__name__}: {len(self.layers)} layers preconditioned ({', '.join(self.layers) or '-'}); "
+            f"{len(first)} parameters first-order ({', '.join(first) or '-'})"
+        )
 
     def _warn_untracked(self, tracked: set[nn.Parameter]) -> None:
         optimised = {p for g in self.param_groups for p in g["params"]}
@@ -226,7 +249,7 @@ class KronOptimizer(Optimizer):
             {
                 name.rsplit(".", 1)[0] if "." in name else "<root>"
                 for p, name in self.param_names.items()
-                if p in optimised and p not in tracked
+                if p in optimised and p not in tracked and p not in self._deselected
             }
         )
         if owners:

@@ -8,7 +8,7 @@ weight decay, checkpointing) is :class:`~kronfac.KFAC`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +60,7 @@ class CGFAC(KFAC):
             (λ = 1e-3) warm-started CG-FAC diverged while cold-started CG-FAC trained well.
         distributed: as for :class:`~kronfac.KFAC` (the rows of every rank are gathered).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
@@ -100,6 +100,8 @@ class CGFAC(KFAC):
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
         accumulation_steps: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         max_iters = check_positive_int("max_iters", max_iters)

@@ -7,7 +7,7 @@ from the factors' inverses without forming the Kronecker product.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -70,7 +70,7 @@ class KFAC(KronOptimizer):
         distributed: ``None`` (average the curvature over the ranks when a process group with more than one
             rank is initialised), a :class:`~kronfac.DistributedConfig` (the strategy), or ``False``.
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
@@ -111,6 +111,8 @@ class KFAC(KronOptimizer):
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
         accumulation_steps: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())

@@ -5,7 +5,8 @@ The checks themselves live in :mod:`kronfac.validation` (shared with the config 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -69,6 +70,9 @@ class CaptureOptions:
         accumulation_steps: backward passes per ``step()`` with each loss divided by this number (the
             gradient-accumulation convention of Hugging Face, Lightning and accelerate); the curvature then equals
             that of the full batch. Losses that are summed instead of divided keep the default 1.
+        include: module names or regular expressions (matched against the whole name) of the layers to
+            precondition; ``None``: every supported layer. A pattern that matches no supported layer raises.
+        exclude: names or patterns of layers to leave first-order (applied after ``include``).
         max_skipped: with ``"skip"``, this many consecutive skipped steps raise ``FloatingPointError`` naming
             what kept failing (a diverged run does not skip silently for ever).
         factor_dtype: storage dtype of the curvature statistics; ``None``: the layer's parameter dtype promoted
@@ -88,6 +92,8 @@ class CaptureOptions:
     on_nonfinite: str = "raise"
     max_skipped: int = 10
     accumulation_steps: int = 1
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
     factor_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +114,8 @@ class CaptureOptions:
         scaler = self.grad_scaler
         if not (scaler is None or callable(scaler) or callable(getattr(scaler, "get_scale", None))):
             raise ValueError(f"Invalid grad_scaler: {scaler!r} (must be None, a GradScaler or a callable scale)")
+        for name in ("include", "exclude"):
+            set_(self, name, _patterns(name, getattr(self, name)))
         if self.param_groups is not None:
             set_(self, "param_groups", [dict(g) for g in self.param_groups])
 
@@ -121,8 +129,36 @@ class CaptureOptions:
         """The options out of a constructor's ``locals()`` (every optimizer lists them explicitly)."""
         return cls(**cls.keywords(arguments))
 
+    def selects(self, name: str) -> bool:
+        """Whether the layer ``name`` is chosen by ``include`` and not removed by ``exclude``."""
+        if self.include is not None and not any(_matches(p, name) for p in self.include):
+            return False
+        return not (self.exclude is not None and any(_matches(p, name) for p in self.exclude))
+
+    def unmatched_includes(self, names: list[str]) -> list[str]:
+        """The ``include`` patterns that match none of ``names``."""
+        return [p for p in self.include or () if not any(_matches(p, n) for n in names)]
+
     def statistics_dtype(self, parameter: Tensor) -> torch.dtype:
         """The dtype of a layer's curvature: ``factor_dtype``, or its parameters' promoted to >= float32."""
         if self.factor_dtype is not None:
             return self.factor_dtype
         return torch.promote_types(parameter.dtype, torch.float32)
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a module name or regex, or a list of them)")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"Invalid {name}: {pattern!r} is not a regular expression ({exc})") from None
+    return patterns
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return pattern == name or re.fullmatch(pattern, name) is not None

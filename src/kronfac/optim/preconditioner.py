@@ -7,7 +7,7 @@ an update kernel that writes the directions into ``.grad`` instead of moving the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ class KFACPreconditioner(KFAC):
             :class:`~kronfac.KFAC` (``kl_clip`` is off by default here).
         lr: learning rate assumed by the KL clip (ignored when ``kl_clip`` is None).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`).
 
     Example:
@@ -69,6 +69,8 @@ class KFACPreconditioner(KFAC):
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
         accumulation_steps: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(

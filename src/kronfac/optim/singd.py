@@ -8,7 +8,7 @@ functional kernel :mod:`kronfac.curvature.singd_update`; the structures live in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -72,7 +72,7 @@ class SINGD(KronOptimizer):
         preconditioner_dtype: dtype of ``K, C, m_K, m_C``; ``None`` uses each layer's parameter dtype.
         distributed: as for :class:`~kronfac.KFAC` (``H_K``, ``H_C`` are summed over the ranks).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
-            max_skipped, accumulation_steps, factor_dtype: the shared capture options
+            max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`;
             ``factor_dtype`` is ignored: SINGD keeps no factors, ``preconditioner_dtype`` sets its state's).
 
@@ -114,6 +114,8 @@ class SINGD(KronOptimizer):
         on_nonfinite: str = "raise",
         max_skipped: int = 10,
         accumulation_steps: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
     ) -> None:
         options = CaptureOptions.pick(locals())
