@@ -17,12 +17,15 @@ def layer_param_names(model: nn.Module, layer: str) -> list[str]:
     return names
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Layers that store ``W`` as ``d_i x d_o``: Embedding (one row per token) and transformers' Conv1D."""
+    return isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D"
+
+
 def grad_matrix_from(module: nn.Module, grads: dict[str, Tensor], layer: str) -> Tensor:
     """The ``d_o x d_i`` gradient matrix (bias last column) from per-parameter tensors, as kronfac defines it."""
     weight = grads[f"{layer}.weight"]
-    if isinstance(module, nn.Embedding):
-        return weight.T
-    weight = weight.flatten(1)
+    weight = weight.T if stores_transposed(module) else weight.flatten(1)
     bias = grads.get(f"{layer}.bias")
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
 

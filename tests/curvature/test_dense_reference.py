@@ -31,9 +31,19 @@ def cross_entropy(target: torch.Tensor):
     return lambda out: nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
 
 
+def conv1d(d_in: int, d_out: int) -> nn.Module:
+    """transformers' GPT-2 ``Conv1D`` (``y = x W + b``, ``W`` stored ``d_in x d_out``); skips without transformers."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layer = pytorch_utils.Conv1D(d_out, d_in)
+    nn.init.normal_(layer.bias)  # zeros by default: a random bias tests the bias column too
+    return layer
+
+
 LINEAR_CASES = {
     "linear-bias": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
     "linear-nobias": (lambda: nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
+    "conv1d": (lambda: nn.Sequential(conv1d(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
+    "conv1d-sequence": (lambda: nn.Sequential(conv1d(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 1, 3)),
     "conv-stride-pad-dilation": (
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)
@@ -67,11 +77,19 @@ def test_empirical_fisher_embedding_single_token() -> None:
     torch.testing.assert_close(kron_block(a, g), dense, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.parametrize("bias", [True, False])
+DEEP_LINEAR_LAYERS = {
+    "linear-bias": lambda d_in, d_out: nn.Linear(d_in, d_out),
+    "linear-nobias": lambda d_in, d_out: nn.Linear(d_in, d_out, bias=False),
+    "conv1d": conv1d,
+}
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 3)])
 @pytest.mark.parametrize("layer", ["0", "1", "2"])
-def test_kfac_expand_equals_ggn_of_deep_linear_network(layer: str, shape: tuple[int, ...], bias: bool) -> None:
-    model = nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Linear(4, 5, bias=bias), nn.Linear(5, 2, bias=bias))
+@pytest.mark.parametrize("layer_type", list(DEEP_LINEAR_LAYERS))
+def test_kfac_expand_equals_ggn_of_deep_linear_network(layer_type: str, layer: str, shape: tuple[int, ...]) -> None:
+    make = DEEP_LINEAR_LAYERS[layer_type]
+    model = nn.Sequential(make(3, 4), make(4, 5), make(5, 2))
     x = torch.randn(shape)
     a, g = factors_after_one_step(
         model, layer, x, lambda out: out.square().sum() / shape[0], fisher_type="type2", loss="mse"

@@ -7,6 +7,10 @@ Every helper speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of
 * ``output_grad_rows(module, grad_out)`` returns ``(N, R, d_o)``, the gradient w.r.t. the layer output.
 * ``grad_matrix(module)`` returns ``∇W`` as ``d_o x d_i`` (bias gradient as the last column), and
   ``split(module, matrix)`` maps such a matrix back to one tensor per parameter (in ``params`` order).
+
+Helpers are found by module type (:func:`helper_for` walks the type's MRO). Types of optional libraries
+(transformers' ``Conv1D``) are registered by qualified class name, so kronfac never imports those libraries: a
+module matches when a class of its MRO has that ``__module__.__qualname__``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ class UnsupportedModuleError(ValueError):
 class LayerHelper(ABC):
     """Reshapes for one module type. Stateless: one shared instance per type."""
 
-    module_types: ClassVar[tuple[type[nn.Module], ...]]
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Qualified class names (``"package.module.Class"``) of module types from optional libraries.
+    module_names: ClassVar[tuple[str, ...]] = ()
     #: True when the input-side factor A is diagonal and kept as a vector (Embedding).
     diagonal_a: ClassVar[bool] = False
 
@@ -75,18 +81,31 @@ def require_grads(params: list[nn.Parameter]) -> list[Tensor]:
 
 
 _HELPERS: dict[type[nn.Module], LayerHelper] = {}
+_NAMED_HELPERS: dict[str, LayerHelper] = {}
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as :attr:`LayerHelper.module_names` spells it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def register_helper(helper: LayerHelper) -> LayerHelper:
-    """Register a helper instance for its module types (exact type match, subclasses included)."""
+    """Register a helper instance for its module types and names (subclasses included; a later registration for
+    the same type replaces an earlier one)."""
     for module_type in helper.module_types:
         _HELPERS[module_type] = helper
+    for name in helper.module_names:
+        _NAMED_HELPERS[name] = helper
     return helper
 
 
 def helper_for(module: nn.Module) -> LayerHelper | None:
-    """The helper for ``module``'s type (walking its MRO), or ``None`` if the type is unsupported."""
+    """The helper for ``module``'s type (walking its MRO, the nearest class first), or ``None`` if the type is
+    unsupported."""
     for cls in type(module).__mro__:
-        if cls in _HELPERS:
-            return _HELPERS[cls]
+        helper = _HELPERS.get(cls)
+        if helper is None:
+            helper = _NAMED_HELPERS.get(qualified_name(cls))
+        if helper is not None:
+            return helper
     return None

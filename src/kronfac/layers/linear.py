@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,7 @@ def append_ones(x: Tensor) -> Tensor:
 
 
 class LinearHelper(LayerHelper):
-    module_types = (nn.Linear,)
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def dims(self, module: nn.Module) -> tuple[int, int]:
         assert isinstance(module, nn.Linear)
@@ -29,22 +31,29 @@ class LinearHelper(LayerHelper):
     def output_grad_rows(self, module: nn.Module, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(grad_out.shape[0] if grad_out.ndim > 1 else 1, -1, grad_out.shape[-1])
 
+    def orient(self, weight: Tensor) -> Tensor:
+        """The stored weight (or its gradient) as ``d_o x d_i``, and back: an involution (identity here; a
+        transpose for layers that store ``d_i x d_o``)."""
+        return weight
+
     def grad_matrix(self, module: nn.Module) -> Tensor:
         grads = require_grads(self.params(module))
+        weight = self.orient(grads[0])
         if len(grads) == 1:
-            return grads[0]
-        return torch.cat([grads[0], grads[1].unsqueeze(1)], dim=1)
+            return weight
+        return torch.cat([weight, grads[1].unsqueeze(1)], dim=1)
 
     def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
         if self.has_bias(module):
-            return [matrix[:, :-1], matrix[:, -1]]
-        return [matrix]
+            return [self.orient(matrix[:, :-1]), matrix[:, -1]]
+        return [self.orient(matrix)]
 
     def param_matrix(self, module: nn.Module) -> Tensor:
         params = self.params(module)
+        weight = self.orient(params[0].detach())
         if len(params) == 1:
-            return params[0].detach()
-        return torch.cat([params[0].detach(), params[1].detach().unsqueeze(1)], dim=1)
+            return weight
+        return torch.cat([weight, params[1].detach().unsqueeze(1)], dim=1)
 
 
 register_helper(LinearHelper())
