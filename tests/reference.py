@@ -9,11 +9,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev
 
 
+def weight_and_bias(module: nn.Module) -> tuple[str, str]:
+    """Attribute names of a layer's weight and bias (MultiheadAttention: its packed in-projection)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "in_proj_weight", "in_proj_bias"
+    return "weight", "bias"
+
+
 def layer_param_names(model: nn.Module, layer: str) -> list[str]:
     module = model.get_submodule(layer)
-    names = [f"{layer}.weight"]
-    if getattr(module, "bias", None) is not None:
-        names.append(f"{layer}.bias")
+    weight, bias = weight_and_bias(module)
+    names = [f"{layer}.{weight}"]
+    if getattr(module, bias, None) is not None:
+        names.append(f"{layer}.{bias}")
     return names
 
 
@@ -24,9 +32,10 @@ def stores_transposed(module: nn.Module) -> bool:
 
 def grad_matrix_from(module: nn.Module, grads: dict[str, Tensor], layer: str) -> Tensor:
     """The ``d_o x d_i`` gradient matrix (bias last column) from per-parameter tensors, as kronfac defines it."""
-    weight = grads[f"{layer}.weight"]
+    weight_name, bias_name = weight_and_bias(module)
+    weight = grads[f"{layer}.{weight_name}"]
     weight = weight.T if stores_transposed(module) else weight.flatten(1)
-    bias = grads.get(f"{layer}.bias")
+    bias = grads.get(f"{layer}.{bias_name}")
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 

@@ -9,13 +9,7 @@ from torch import nn
 import kronfac
 from reference import empirical_fisher_block, ggn_block_mse, kron_block
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def factors_after_one_step(model: nn.Module, layer: str, x: torch.Tensor, loss_fn, **kwargs):
@@ -39,11 +33,31 @@ def conv1d(d_in: int, d_out: int) -> nn.Module:
     return layer
 
 
+class SelfAttention(nn.Module):
+    """``head(attention(x, x, x))``: one MultiheadAttention, batch first, layers ``0`` (in_proj), ``0.out_proj``."""
+
+    def __init__(self, embed_dim: int = 4, heads: int = 2, classes: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        self.add_module("0", nn.MultiheadAttention(embed_dim, heads, batch_first=True, bias=bias))
+        self.head = nn.Linear(embed_dim, classes)
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.normal_(param)  # zeros by default: random biases test the bias columns too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = self.get_submodule("0")
+        return self.head(attention(x, x, x, need_weights=False)[0])
+
+
 LINEAR_CASES = {
     "linear-bias": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
     "linear-nobias": (lambda: nn.Sequential(nn.Linear(3, 4, bias=False), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
     "conv1d": (lambda: nn.Sequential(conv1d(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 3)),
     "conv1d-sequence": (lambda: nn.Sequential(conv1d(3, 4), nn.Tanh(), nn.Linear(4, 3)), (1, 1, 3)),
+    # One position: the softmax is 1 and q, k get no gradient; tests/layers/test_attention.py covers longer ones.
+    "mha-in-proj": (SelfAttention, (1, 1, 4)),
+    "mha-in-proj-nobias": (lambda: SelfAttention(bias=False), (1, 1, 4)),
+    "mha-out-proj": (SelfAttention, (1, 1, 4), "0.out_proj"),
     "conv-stride-pad-dilation": (
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(3, 3)
@@ -60,11 +74,12 @@ LINEAR_CASES = {
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_empirical_fisher_batch_one_equals_kronecker(case: str, approx: str) -> None:
-    build, shape = LINEAR_CASES[case]
+    build, shape, *layer = LINEAR_CASES[case]
+    name = layer[0] if layer else "0"
     model = build()
     x, target = torch.randn(shape), torch.tensor([1])
-    a, g = factors_after_one_step(model, "0", x, cross_entropy(target), approx=approx)
-    dense = empirical_fisher_block(model, "0", x, cross_entropy(target))
+    a, g = factors_after_one_step(model, name, x, cross_entropy(target), approx=approx)
+    dense = empirical_fisher_block(model, name, x, cross_entropy(target))
     torch.testing.assert_close(kron_block(a, g), dense, atol=1e-8, rtol=1e-8)
 
 

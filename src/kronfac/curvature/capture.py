@@ -5,6 +5,11 @@ without one pay nothing. Output gradients are read by a tensor hook registered o
 forward hook; a tensor hook registered before an in-place op (``ReLU(inplace=True)``) receives the gradient
 w.r.t. the value at registration time, so in-place ops after the layer are safe.
 
+Layers whose output gradients lie inside their module's forward (a :class:`~kronfac.layers.base.CallHelper`:
+``nn.MultiheadAttention``) are captured per call instead: a forward pre-hook and forward hook record the call,
+and the tensor hook on the module's output hands the output gradient to the helper, which recomputes the call
+locally and returns the rows of the layer and of the submodules its call feeds (``out_proj``).
+
 For the ``mc`` and ``type2`` Fisher types a forward hook on the model samples output gradients right after the
 forward pass and back-propagates them with ``torch.autograd.grad`` (no ``.grad`` is touched); the user's own
 backward pass then leaves the statistics alone.
@@ -12,6 +17,7 @@ backward pass then leaves the statistics alone.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -23,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
-from kronfac.layers.base import LayerHelper
+from kronfac.layers.base import CallHelper, LayerHelper, RecordedCall
 
 __all__ = ["Capture", "CaptureListener", "TrackedLayer"]
 
@@ -117,6 +123,9 @@ class Capture:
         #: Seconds spent in the hooks since the last :meth:`reset_completion` (measured with a listener only).
         self.factor_seconds = 0.0
         self._open: dict[str, int] = {}
+        self._by_module = {layer.module: layer for layer in layers}
+        self._before: dict[str, Any] = {}
+        self._warned: set[str] = set()
 
     def reset_completion(self) -> None:
         """Forget forward passes still waiting for their backward and zero :attr:`factor_seconds`."""
@@ -131,7 +140,11 @@ class Capture:
         if self.installed:
             return
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+            if isinstance(layer.helper, CallHelper):
+                self._handles.append(layer.module.register_forward_pre_hook(self._pre_call_hook(layer)))
+                self._handles.append(layer.module.register_forward_hook(self._call_hook(layer), with_kwargs=True))
+            else:
+                self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
         if self.fisher_type is not FisherType.EMPIRICAL:
             self._handles.append(self.model.register_forward_hook(self._sample_hook))
 
@@ -186,11 +199,17 @@ class Capture:
         return hook
 
     def _grad_hook(self, layer: TrackedLayer, row_count: int, grad: Tensor) -> None:
-        sampled = self.fisher_type is not FisherType.EMPIRICAL
-        if sampled != self._sampling:
-            return  # MC/type2 statistics come from our own backward pass, not the user's
+        if self._ignores_backward():
+            return
         start = perf_counter() if self.listener is not None else 0.0
-        rows = layer.helper.output_grad_rows(layer.module, grad.detach())
+        self._add_output_grads(layer, row_count, layer.helper.output_grad_rows(layer.module, grad.detach()), start)
+
+    def _ignores_backward(self) -> bool:
+        """MC/type2 statistics come from our own backward pass, not the user's."""
+        return (self.fisher_type is not FisherType.EMPIRICAL) != self._sampling
+
+    def _add_output_grads(self, layer: TrackedLayer, row_count: int, rows: Tensor, start: float) -> None:
+        sampled = self.fisher_type is not FisherType.EMPIRICAL
         if sampled:
             # Sampled gradients are those of the summed loss: G = (1/M) Σ g g^T.
             with _full_precision(rows):
@@ -212,6 +231,74 @@ class Capture:
             self.factor_seconds += perf_counter() - start
             if left <= 0:
                 self.listener.statistics_complete(layer)
+
+    # -- layers captured per call (CallHelper) ----------------------------------------------------------
+    def _target(self, layer: TrackedLayer, path: str) -> TrackedLayer | None:
+        """The tracked layer a call's rows belong to: the layer itself or a submodule it feeds."""
+        return layer if not path else self._by_module.get(layer.module.get_submodule(path))
+
+    def _pre_call_hook(self, layer: TrackedLayer) -> Callable[..., None]:
+        helper = layer.helper
+        assert isinstance(helper, CallHelper)
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.is_grad_enabled():
+                self._before[layer.name] = helper.before_call(module)
+
+        return hook
+
+    def _call_hook(self, layer: TrackedLayer) -> Callable[..., None]:
+        helper = layer.helper
+        assert isinstance(helper, CallHelper)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            before = self._before.pop(layer.name, None)
+            out = output if isinstance(output, Tensor) else first_tensor(output)
+            if not torch.is_grad_enabled() or not out.requires_grad:
+                return
+            start = perf_counter() if self.listener is not None else 0.0
+            call = helper.record_call(module, args, kwargs, before)
+            if call.skipped is not None and layer.name not in self._warned:
+                self._warned.add(layer.name)
+                warnings.warn(f"kronfac: layer {layer.name!r}: {call.skipped}", UserWarning, stacklevel=2)
+            # A skipped call still feeds the submodules (cross-attention: out_proj), not the layer itself.
+            paths = ("", *helper.fed_submodules) if call.skipped is None else helper.fed_submodules
+            targets = [(path, self._target(layer, path)) for path in paths]
+            fed = [(path, target) for path, target in targets if target is not None]
+            for path, target in fed:
+                if path in call.inputs:
+                    target.block.add_inputs(target.helper.input_rows(target.module, call.inputs[path]))
+            pending_inputs = [(path, target) for path, target in fed if path not in call.inputs]
+            out.register_hook(lambda grad: self._call_grad_hook(layer, call, fed, pending_inputs, grad))
+            if self.listener is not None:
+                for _, target in fed:
+                    self._open[target.name] = self._open.get(target.name, 0) + 1
+                self.factor_seconds += perf_counter() - start
+
+        return hook
+
+    def _call_grad_hook(
+        self,
+        layer: TrackedLayer,
+        call: RecordedCall,
+        fed: list[tuple[str, TrackedLayer]],
+        pending_inputs: list[tuple[str, TrackedLayer]],
+        grad: Tensor,
+    ) -> None:
+        if self._ignores_backward() or not fed:
+            return
+        start = perf_counter() if self.listener is not None else 0.0
+        helper = layer.helper
+        assert isinstance(helper, CallHelper)
+        rows = helper.call_rows(layer.module, call, grad.detach(), keep_graph=self._sampling)
+        # Inputs found in the backward pass are added once per call (a sampled Fisher runs several backwards).
+        while pending_inputs:
+            path, target = pending_inputs.pop()
+            target.block.add_inputs(target.helper.input_rows(target.module, rows.inputs[path]))
+        for path, target in fed:
+            grad_rows = target.helper.output_grad_rows(target.module, rows.output_grads[path])
+            self._add_output_grads(target, self._row_count(grad_rows), grad_rows, start)
+            start = perf_counter() if self.listener is not None else 0.0
 
     def _sample_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled():

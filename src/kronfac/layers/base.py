@@ -8,6 +8,11 @@ Every helper speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of
 * ``grad_matrix(module)`` returns ``∇W`` as ``d_o x d_i`` (bias gradient as the last column), and
   ``split(module, matrix)`` maps such a matrix back to one tensor per parameter (in ``params`` order).
 
+A :class:`CallHelper` serves layers whose output gradients are not those of their module's output (attention's
+packed in-projection lies inside ``nn.MultiheadAttention``'s forward): the capture records each call and, in the
+backward pass, the helper recomputes the call locally to produce the rows (of the layer and of submodules whose
+forward torch never calls, such as the attention's ``out_proj``).
+
 Helpers are found by module type (:func:`helper_for` walks the type's MRO). Types of optional libraries
 (transformers' ``Conv1D``) are registered by qualified class name, so kronfac never imports those libraries: a
 module matches when a class of its MRO has that ``__module__.__qualname__``.
@@ -16,11 +21,20 @@ module matches when a class of its MRO has that ``__module__.__qualname__``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["LayerHelper", "UnsupportedModuleError", "helper_for", "register_helper"]
+__all__ = [
+    "CallHelper",
+    "CallRows",
+    "LayerHelper",
+    "RecordedCall",
+    "UnsupportedModuleError",
+    "helper_for",
+    "register_helper",
+]
 
 
 class UnsupportedModuleError(ValueError):
@@ -69,6 +83,57 @@ class LayerHelper(ABC):
     @abstractmethod
     def param_matrix(self, module: nn.Module) -> Tensor:
         """The parameters themselves as one ``d_o x d_i`` matrix (for weight decay in matrix form)."""
+
+
+@dataclass
+class RecordedCall:
+    """One forward call of a :class:`CallHelper`'s module, as the backward pass needs it.
+
+    Attributes:
+        state: what :meth:`CallHelper.call_rows` needs (private to the helper).
+        inputs: tensors known after the forward pass, by target (``""``: the layer itself, else a submodule's
+            path), in the layout of that target's own input, for its helper's ``input_rows``.
+        skipped: why the layer's own statistics are not taken in this call (the capture warns once per layer).
+    """
+
+    state: Any
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+@dataclass
+class CallRows:
+    """Tensors of one call found in the backward pass, by target as in :class:`RecordedCall`: ``inputs`` in the
+    layout of the target's input, ``output_grads`` in that of its output (for its helper's ``output_grad_rows``)."""
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    output_grads: dict[str, Tensor] = field(default_factory=dict)
+
+
+class CallHelper(LayerHelper):
+    """A layer whose output gradients lie inside its module's forward, out of reach of a hook on the output.
+
+    The capture calls :meth:`before_call` in a forward pre-hook, :meth:`record_call` in the forward hook and
+    :meth:`call_rows` with the gradient of the module's (first) output in the backward pass.
+    """
+
+    #: Paths of submodules whose statistics this module's calls provide (torch never calls their forward).
+    fed_submodules: ClassVar[tuple[str, ...]] = ()
+
+    def before_call(self, module: nn.Module) -> Any:
+        """State to take before the forward runs (the RNG state, to replay dropout); ``None`` by default."""
+        return None
+
+    @abstractmethod
+    def record_call(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], before: Any
+    ) -> RecordedCall:
+        """What the backward pass needs from this call, and the inputs already known."""
+
+    @abstractmethod
+    def call_rows(self, module: nn.Module, call: RecordedCall, grad_out: Tensor, *, keep_graph: bool) -> CallRows:
+        """The output gradients (and late inputs) of the call, given the gradient of the module's output.
+        ``keep_graph``: more gradients of the same call follow (sampled Fisher), keep what can be reused."""
 
 
 def require_grads(params: list[nn.Parameter]) -> list[Tensor]:
