@@ -185,6 +185,44 @@ def test_inference_fast_path_between_training_steps() -> None:
         assert block.a_factor is not None and bool(torch.isfinite(block.g_factor).all())
 
 
+def test_eval_mode_forwards_do_not_feed_the_statistics() -> None:
+    x, y = torch.randn(3, 5, 4), torch.randint(0, CLASSES, (3, 5))
+    factors = []
+    for with_eval in (False, True):
+        torch.manual_seed(0)
+        model = AttentionModel()
+        opt = kronfac.KFAC(model, lr=0.01)
+        opt.zero_grad()
+        if with_eval:  # a pass in eval mode with autograd (the slow path: the hooks fire), .grad untouched
+            model.eval()
+            torch.autograd.grad(model(torch.randn(2, 7, 4) * 10).sum(), list(model.parameters()))
+            model.train()
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        blocks = [opt.layers[name].block for name in ("attention", "attention.out_proj")]
+        factors.append([factor for block in blocks for factor in (block.a_factor, block.g_factor)])
+    for plain, after_eval in zip(*factors):
+        assert torch.equal(plain, after_eval)
+
+
+def test_autocast_forward_gives_full_precision_statistics() -> None:
+    x, y = torch.randn(3, 5, 4, dtype=torch.float32), torch.randint(0, CLASSES, (3, 5))
+    factors = []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = AttentionModel().float()
+        opt = kronfac.KFAC(model, lr=0.01)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x)
+        nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+        opt.step()
+        blocks = [opt.layers[name].block for name in ("attention", "attention.out_proj")]
+        factors.append([factor for block in blocks for factor in (block.a_factor, block.g_factor)])
+    for exact, mixed in zip(*factors):
+        assert mixed.dtype == torch.float32
+        assert float((mixed - exact).norm() / exact.norm()) < 0.05  # bf16 forward, float32 statistics
+
+
 def test_separate_kdim_vdim_falls_back_to_first_order() -> None:
     model = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=5)
     with pytest.warns(UserWarning, match="kdim/vdim"):

@@ -187,9 +187,7 @@ class Capture:
             if not module.training or args[0].numel() == 0:
                 return  # an eval-mode forward (metrics, generation) or an empty batch is not curvature data
             start = perf_counter() if self.listener is not None else 0.0
-            rows = layer.helper.input_rows(module, args[0].detach())
-            with _full_precision(rows):
-                layer.block.add_inputs(rows)
+            rows = self._add_inputs(layer, args[0].detach())
             count = self._row_count(rows)
             output.register_hook(lambda grad: self._grad_hook(layer, count, grad))
             if self.listener is not None:
@@ -197,6 +195,13 @@ class Capture:
                 self.factor_seconds += perf_counter() - start
 
         return hook
+
+    def _add_inputs(self, layer: TrackedLayer, x: Tensor) -> Tensor:
+        """Feed the layer's input ``x`` (in the layout of its module's input) to its block; return the rows."""
+        rows = layer.helper.input_rows(layer.module, x)
+        with _full_precision(rows):
+            layer.block.add_inputs(rows)
+        return rows
 
     def _grad_hook(self, layer: TrackedLayer, row_count: int, grad: Tensor) -> None:
         if self._ignores_backward():
@@ -254,8 +259,8 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             before = self._before.pop(layer.name, None)
             out = output if isinstance(output, Tensor) else first_tensor(output)
-            if not torch.is_grad_enabled() or not out.requires_grad:
-                return
+            if not torch.is_grad_enabled() or not out.requires_grad or not module.training or out.numel() == 0:
+                return  # as for every layer: eval-mode forwards and empty batches are not curvature data
             start = perf_counter() if self.listener is not None else 0.0
             call = helper.record_call(module, args, kwargs, before)
             if call.skipped is not None and layer.name not in self._warned:
@@ -267,7 +272,7 @@ class Capture:
             fed = [(path, target) for path, target in targets if target is not None]
             for path, target in fed:
                 if path in call.inputs:
-                    target.block.add_inputs(target.helper.input_rows(target.module, call.inputs[path]))
+                    self._add_inputs(target, call.inputs[path])
             pending_inputs = [(path, target) for path, target in fed if path not in call.inputs]
             out.register_hook(lambda grad: self._call_grad_hook(layer, call, fed, pending_inputs, grad))
             if self.listener is not None:
@@ -290,11 +295,12 @@ class Capture:
         start = perf_counter() if self.listener is not None else 0.0
         helper = layer.helper
         assert isinstance(helper, CallHelper)
-        rows = helper.call_rows(layer.module, call, grad.detach(), keep_graph=self._sampling)
+        with _full_precision(grad):
+            rows = helper.call_rows(layer.module, call, grad.detach(), keep_graph=self._sampling)
         # Inputs found in the backward pass are added once per call (a sampled Fisher runs several backwards).
         while pending_inputs:
             path, target = pending_inputs.pop()
-            target.block.add_inputs(target.helper.input_rows(target.module, rows.inputs[path]))
+            self._add_inputs(target, rows.inputs[path])
         for path, target in fed:
             grad_rows = target.helper.output_grad_rows(target.module, rows.output_grads[path])
             self._add_output_grads(target, self._row_count(grad_rows), grad_rows, start)

@@ -128,7 +128,14 @@ class MultiheadAttentionHelper(CallHelper, LinearHelper):
         options = dict(bound.arguments)
         query, key, value = (options.pop(name) for name in ("query", "key", "value"))
         del options["self"]
-        call = _Call(query.detach(), key.detach(), value.detach(), options, before)
+        # The recomputation runs in the parameters' precision (an autocast forward sees bf16 inputs).
+        dtype = module.in_proj_weight.dtype
+        for name in ("attn_mask", "key_padding_mask"):
+            mask = options[name]
+            if isinstance(mask, Tensor) and mask.is_floating_point():
+                options[name] = mask.detach().to(dtype)
+        q, k, v = (x.detach().to(dtype) for x in (query, key, value))
+        call = _Call(q, k, v, options, before)
         if query is key and key is value:
             return RecordedCall(call, inputs={"": _batch_first(module, call.query)})
         return RecordedCall(call, skipped=_CROSS_ATTENTION)
