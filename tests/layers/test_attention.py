@@ -223,6 +223,13 @@ def test_autocast_forward_gives_full_precision_statistics() -> None:
         assert float((mixed - exact).norm() / exact.norm()) < 0.05  # bf16 forward, float32 statistics
 
 
+def test_out_proj_without_its_attention_is_warned() -> None:
+    model = AttentionModel()
+    with pytest.warns(UserWarning, match="'attention.out_proj' gets no curvature statistics"):
+        opt = kronfac.KFAC(model, exclude=["attention"])
+    assert "attention" not in opt.layers
+
+
 def test_separate_kdim_vdim_falls_back_to_first_order() -> None:
     model = nn.MultiheadAttention(E, HEADS, kdim=4, vdim=5)
     with pytest.warns(UserWarning, match="kdim/vdim"):

@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
-from kronfac.layers.base import CallHelper, LayerHelper, RecordedCall
+from kronfac.layers.base import CallHelper, LayerHelper, RecordedCall, helper_for
 
 __all__ = ["Capture", "CaptureListener", "TrackedLayer"]
 
@@ -126,6 +126,24 @@ class Capture:
         self._by_module = {layer.module: layer for layer in layers}
         self._before: dict[str, Any] = {}
         self._warned: set[str] = set()
+        self._warn_unfed()
+
+    def _warn_unfed(self) -> None:
+        """A tracked submodule fed only by its parent's calls (``out_proj``) gets no statistics when the parent is
+        not tracked (excluded, frozen): say so rather than keep a block that never fills."""
+        for name, module in self.model.named_modules():
+            helper = helper_for(module)
+            if not isinstance(helper, CallHelper) or module in self._by_module:
+                continue
+            for path in helper.fed_submodules:
+                sub = self._by_module.get(module.get_submodule(path))
+                if sub is not None:
+                    warnings.warn(
+                        f"kronfac: layer {sub.name!r} gets no curvature statistics (first-order updates): its "
+                        f"statistics come from the calls of {name!r}, which is not tracked; track both or neither",
+                        UserWarning,
+                        stacklevel=5,
+                    )
 
     def reset_completion(self) -> None:
         """Forget forward passes still waiting for their backward and zero :attr:`factor_seconds`."""
