@@ -17,7 +17,6 @@ backward pass then leaves the statistics alone.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -29,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.fisher import FisherType, LossAverage, LossType, sampled_output_grads
+from kronfac.errors import warn
 from kronfac.layers.base import CallHelper, LayerHelper, RecordedCall, helper_for
 
 __all__ = ["Capture", "CaptureListener", "TrackedLayer"]
@@ -138,11 +138,9 @@ class Capture:
             for path in helper.fed_submodules:
                 sub = self._by_module.get(module.get_submodule(path))
                 if sub is not None:
-                    warnings.warn(
+                    warn(
                         f"kronfac: layer {sub.name!r} gets no curvature statistics (first-order updates): its "
-                        f"statistics come from the calls of {name!r}, which is not tracked; track both or neither",
-                        UserWarning,
-                        stacklevel=5,
+                        f"statistics come from the calls of {name!r}, which is not tracked; track both or neither"
                     )
 
     def reset_completion(self) -> None:
@@ -283,7 +281,7 @@ class Capture:
             call = helper.record_call(module, args, kwargs, before)
             if call.skipped is not None and layer.name not in self._warned:
                 self._warned.add(layer.name)
-                warnings.warn(f"kronfac: layer {layer.name!r}: {call.skipped}", UserWarning, stacklevel=2)
+                warn(f"kronfac: layer {layer.name!r}: {call.skipped}")
             # A skipped call still feeds the submodules (cross-attention: out_proj), not the layer itself.
             paths = ("", *helper.fed_submodules) if call.skipped is None else helper.fed_submodules
             targets = [(path, self._target(layer, path)) for path in paths]
