@@ -55,3 +55,21 @@ def test_bundled_datasets_load_offline() -> None:
 def test_state_bytes_counts_shared_storage_once() -> None:
     t = torch.zeros(10)
     assert state_bytes([{"a": t, "b": [t, torch.zeros(5, dtype=torch.float64)]}]) == 40 + 40
+
+
+def test_state_bytes_count_kronfac_curvature() -> None:
+    """The optimizer-state column counts K-FAC's factors and inverses (they ride in the state_dict as a blob)."""
+    import torch
+    from torch import nn
+
+    import kronfac
+    from kronfac.bench.methods import OptimizerTrainer
+    from kronfac.bench.runner import state_bytes
+
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3))
+    opt = kronfac.KFAC(model, momentum=0.0, inverse_every=1)
+    nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,))).backward()
+    opt.step()
+    trainer = OptimizerTrainer(model, opt, None)  # type: ignore[arg-type]  # the task is not needed here
+    factors = sum(4 * (d_in**2 + d_out**2) for d_in, d_out in ((11, 20), (21, 3)))  # A and G in float32
+    assert state_bytes(trainer.state_objects()) >= 2 * factors  # factors plus their eigendecompositions

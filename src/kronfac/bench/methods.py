@@ -47,7 +47,9 @@ class OptimizerTrainer(Trainer):
         return loss.item()
 
     def state_objects(self) -> list[Any]:
-        return [self.optimizer.state_dict()]
+        # kronfac's state_dict carries its curvature as one serialized blob: count the live tensors instead
+        curvature = getattr(self.optimizer, "curvature_state_dict", None)
+        return [self.optimizer.state_dict(), curvature() if curvature is not None else None]
 
     def close(self) -> None:
         close = getattr(self.optimizer, "close", None)
