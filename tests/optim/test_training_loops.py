@@ -251,3 +251,22 @@ def test_include_and_exclude_choose_the_layers() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # excluded layers are the user's choice: no "no helper" warning
         kronfac.KFAC(net, exclude="2")
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_sequence_logits_with_a_batch_average_are_pointed_out_once(fisher_type: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+    tokens = torch.randint(0, 11, (4, 6))
+    for average, expected in (("batch", 1), ("batch+sequence", 0)):
+        opt = kronfac.KFAC(net, loss_average=average, fisher_type=fisher_type)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                opt.zero_grad()
+                logits = net(tokens)
+                nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1)).backward()
+                opt.step()
+        hints = [w for w in caught if "loss_average='batch+sequence'" in str(w.message)]
+        assert len(hints) == expected
+        opt.close()

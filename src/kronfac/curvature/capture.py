@@ -126,6 +126,7 @@ class Capture:
         self._by_module = {layer.module: layer for layer in layers}
         self._before: dict[str, Any] = {}
         self._warned: set[str] = set()
+        self._shape_checked = False
         self._warn_unfed()
 
     def _warn_unfed(self) -> None:
@@ -163,6 +164,8 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
         if self.fisher_type is not FisherType.EMPIRICAL:
             self._handles.append(self.model.register_forward_hook(self._sample_hook))
+        elif not self._shape_checked:
+            self._handles.append(self.model.register_forward_hook(self._shape_hook))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -322,10 +325,34 @@ class Capture:
             self._add_output_grads(target, self._row_count(grad_rows), grad_rows, start)
             start = perf_counter() if self.listener is not None else 0.0
 
+    def _check_sequence_average(self, logits: Tensor) -> None:
+        """Once: sequence logits with ``loss_average="batch"`` usually mean a token-mean LM loss, whose ``G`` is
+        then too large by the sequence length."""
+        if self._shape_checked:
+            return
+        self._shape_checked = True
+        if logits.ndim >= 3 and self.loss_average is LossAverage.BATCH:
+            warn(
+                f"kronfac: the model's output has shape {tuple(logits.shape)} (sequences) and loss_average is "
+                "'batch'; if the loss is a mean over every token (Hugging Face language models, "
+                "cross_entropy on flattened logits), pass loss_average='batch+sequence'"
+            )
+
+    def _shape_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._shape_checked or not torch.is_grad_enabled():
+            return
+        try:
+            logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
+        except TypeError:
+            self._shape_checked = True  # no tensor to look at
+            return
+        self._check_sequence_average(logits)
+
     def _sample_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled():
             return
         logits = self.output_fn(output) if self.output_fn is not None else first_tensor(output)
+        self._check_sequence_average(logits)
         if logits.ndim == 0:
             raise ValueError(
                 "kronfac: fisher_type='mc'/'type2' needs the model's logits, but its output is a 0-d tensor (a loss?); "
