@@ -81,6 +81,15 @@ class CurvatureStatistics(ABC):
         """Output gradients ``(N, R, d_o)``; outer products are multiplied by ``scale``; ``count`` is how many
         samples this call starts (0 when it adds a further column of the same sample, as type2 does)."""
 
+    def add_input_factor(self, factor: Tensor, count: int) -> None:
+        """Add a batch estimate of the input-side factor ``A`` (a mean over ``count`` rows; a matrix, or a vector
+        for a diagonal) as if ``count`` rows had produced it (a shared parameter's fitted factor)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take a fitted factor (shared parameters)")
+
+    def add_output_grad_factor(self, factor: Tensor, count: int) -> None:
+        """Add a batch estimate of the output-side factor ``G`` (already scaled, a mean over ``count`` samples)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take a fitted factor (shared parameters)")
+
     @abstractmethod
     def has_pending(self) -> bool:
         """Whether both sides received data since the last commit."""
@@ -187,6 +196,13 @@ class SummedStatistics(CurvatureStatistics):
         a_name, g_name = self.statistic_names
         self._a_sum, self._g_sum = statistics.sums[a_name], statistics.sums[g_name]
         self._a_count, self._g_count = statistics.a_count, statistics.g_count
+
+    @staticmethod
+    def _as_layout(factor: Tensor, like_vector: bool) -> Tensor:
+        """A factor in a block's layout: a vector keeps the diagonal of a matrix, a matrix places a vector on it."""
+        if like_vector:
+            return factor.diagonal() if factor.ndim == 2 else factor
+        return torch.diag(factor) if factor.ndim == 1 else factor
 
     def batch_means(self) -> tuple[Tensor, Tensor]:
         """The pending batch estimates ``(Σ_a / rows, Σ_g / samples)``."""

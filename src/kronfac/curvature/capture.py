@@ -362,7 +362,8 @@ class Capture:
             return
         if not logits.requires_grad or not bool(torch.isfinite(logits).all()):
             return  # non-finite outputs: the optimizer's gradient check reports them
-        weights = [layer.params[0] for layer in self.layers]
+        # One entry per parameter: the uses of a shared weight are several layers of one tensor.
+        weights = list({id(layer.params[0]): layer.params[0] for layer in self.layers}.values())
         grads = sampled_output_grads(
             logits, self.fisher_type, self.loss, self.mc_samples, self.generator(logits.device)
         )

@@ -93,6 +93,19 @@ class CGBlock(CurvatureBlock):
         self._g.append(samples * math.sqrt(scale))
         self._g_count += count
 
+    def add_input_factor(self, factor: Tensor, count: int) -> None:
+        factor = factor.to(self.dtype)
+        if self.diagonal_a:
+            self._a.append((factor.diagonal() if factor.ndim == 2 else factor) * count)
+        else:
+            self._a.append(_root_rows(torch.diag(factor) if factor.ndim == 1 else factor) * math.sqrt(count))
+        self._a_count += count
+
+    def add_output_grad_factor(self, factor: Tensor, count: int) -> None:
+        factor = factor.to(self.dtype)
+        self._g.append(_root_rows(torch.diag(factor) if factor.ndim == 1 else factor) * math.sqrt(count))
+        self._g_count += count
+
     def has_pending(self) -> bool:
         return bool(self._a) and bool(self._g) and self._g_count > 0
 
@@ -193,3 +206,10 @@ class CGBlock(CurvatureBlock):
         if self.solution is not None:
             tensors.append(self.solution)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _root_rows(factor: Tensor) -> Tensor:
+    """Rows ``R`` with ``R^T R = factor`` for a symmetric PSD matrix (its scaled eigenvectors), so a fitted factor
+    travels through the row-based solve like captured rows do."""
+    values, vectors = torch.linalg.eigh(factor)
+    return (vectors * values.clamp_min(0).sqrt()).T

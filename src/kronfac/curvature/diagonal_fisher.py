@@ -126,6 +126,12 @@ class DiagonalFactors(SummedStatistics, CurvatureBlock):
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
         self._add_output_grad_sum(samples.square().sum(dim=0).mul_(scale), count)
 
+    def add_input_factor(self, factor: Tensor, count: int) -> None:
+        self._add_input_sum(self._as_layout(factor.to(self.dtype), True) * count, count)
+
+    def add_output_grad_factor(self, factor: Tensor, count: int) -> None:
+        self._add_output_grad_sum(self._as_layout(factor.to(self.dtype), True) * count, count)
+
     def _empty_sums(self) -> tuple[Tensor, Tensor]:
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         return torch.zeros(self.d_in, **kw), torch.zeros(self.d_out, **kw)

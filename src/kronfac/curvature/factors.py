@@ -68,6 +68,12 @@ class KroneckerFactors(SummedStatistics):
         samples = reduce_output_grad_rows(rows.to(self.dtype), self.approx)
         self._add_output_grad_sum((samples.T @ samples).mul_(scale), count)
 
+    def add_input_factor(self, factor: Tensor, count: int) -> None:
+        self._add_input_sum(self._as_layout(factor.to(self.dtype), self.diagonal_a) * count, count)
+
+    def add_output_grad_factor(self, factor: Tensor, count: int) -> None:
+        self._add_output_grad_sum(self._as_layout(factor.to(self.dtype), False) * count, count)
+
     def _empty_sums(self) -> tuple[Tensor, Tensor]:
         a_shape = (self.d_in,) if self.diagonal_a else (self.d_in, self.d_in)
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}

@@ -93,6 +93,16 @@ class SINGDBlock(CurvatureBlock):
         self._h_C = term if self._h_C is None else self._h_C.add(term)
         self._g_count += count
 
+    def add_input_factor(self, factor: Tensor, count: int) -> None:
+        term = self.factors.K.from_inner_matrix(factor.to(self.dtype) * count)
+        self._h_K = term if self._h_K is None else self._h_K.add(term)
+        self._a_count += count
+
+    def add_output_grad_factor(self, factor: Tensor, count: int) -> None:
+        term = self.factors.C.from_inner_matrix(factor.to(self.dtype) * count)
+        self._h_C = term if self._h_C is None else self._h_C.add(term)
+        self._g_count += count
+
     def has_pending(self) -> bool:
         return self._h_K is not None and self._h_C is not None and self._a_count > 0 and self._g_count > 0
 

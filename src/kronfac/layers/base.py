@@ -49,6 +49,10 @@ class LayerHelper(ABC):
     module_names: ClassVar[tuple[str, ...]] = ()
     #: True when the input-side factor A is diagonal and kept as a vector (Embedding).
     diagonal_a: ClassVar[bool] = False
+    #: Whether the layer's weight may be shared with other layers (tied embeddings): its factors are those of
+    #: ``y = W x`` in the ``d_o x d_i`` orientation, so uses can be fitted by one Kronecker product
+    #: (:mod:`kronfac.curvature.shared`). Per-feature helpers (norms) and per-call helpers (attention) are not.
+    shareable: ClassVar[bool] = True
 
     def check(self, module: nn.Module) -> None:  # noqa: B027 - optional hook
         """Raise :class:`UnsupportedModuleError` if this module's configuration is not supported."""
@@ -119,6 +123,7 @@ class CallHelper(LayerHelper):
 
     #: Paths of submodules whose statistics this module's calls provide (torch never calls their forward).
     fed_submodules: ClassVar[tuple[str, ...]] = ()
+    shareable: ClassVar[bool] = False
 
     def before_call(self, module: nn.Module) -> Any:
         """State to take before the forward runs (the RNG state, to replay dropout); ``None`` by default."""

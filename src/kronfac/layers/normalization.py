@@ -19,6 +19,7 @@ optimizer that wants them asks :func:`norm_helper_for`.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ __all__ = ["BatchNormHelper", "LayerNormHelper", "ScaleShiftHelper", "norm_helpe
 
 class ScaleShiftHelper(LayerHelper):
     """Shared reshapes of a per-feature scale ``γ`` and shift ``β`` (the module's ``weight`` and ``bias``)."""
+
+    shareable: ClassVar[bool] = False
 
     def check(self, module: nn.Module) -> None:
         if getattr(module, "weight", None) is None:

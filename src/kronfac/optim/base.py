@@ -21,6 +21,7 @@ import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ from torch.optim import Optimizer
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
+from kronfac.curvature.shared import SharedParameter, SharedUse, UseStatistics
 from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active
 from kronfac.errors import KronfacRuntimeWarning, warn
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
@@ -80,6 +82,59 @@ def _close(capture: Capture, sync: CurvatureSync | None, correction: Correction 
 
 def _keep(tensors: list[Tensor]) -> None:
     """One process: the local batch is the global one."""
+
+
+@dataclass(eq=False)
+class _Candidate:
+    """A supported, selected, optimised layer before blocks are made."""
+
+    name: str
+    module: nn.Module
+    helper: LayerHelper
+    params: list[nn.Parameter]
+    group: int
+
+
+def _sharing(candidates: list[_Candidate]) -> list[list[_Candidate]]:
+    """The candidates grouped by shared parameters (connected components; singletons for most layers), in
+    model order."""
+    owner: dict[int, int] = {}
+    parent = list(range(len(candidates)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, candidate in enumerate(candidates):
+        for p in candidate.params:
+            j = owner.setdefault(id(p), i)
+            parent[root(i)] = root(j)
+    components: dict[int, list[_Candidate]] = {}
+    for i, candidate in enumerate(candidates):
+        components.setdefault(root(i), []).append(candidate)
+    return list(components.values())
+
+
+def _transposed(canonical: _Candidate, use: _Candidate) -> bool | None:
+    """Whether ``use``'s ``d_o x d_i`` matrix is the transpose of ``canonical``'s (``None``: neither; views of one
+    storage decide by their strides, copies by their values)."""
+    if use is canonical:
+        return False
+    mine, theirs = canonical.helper.param_matrix(canonical.module), use.helper.param_matrix(use.module)
+    if mine.ndim != 2 or theirs.ndim != 2:
+        return None
+    if mine.data_ptr() == theirs.data_ptr():
+        if theirs.shape == mine.shape and theirs.stride() == mine.stride():
+            return False
+        if theirs.shape == mine.mT.shape and theirs.stride() == mine.mT.stride():
+            return True
+    if theirs.shape == mine.shape and torch.equal(theirs, mine):
+        return False
+    if theirs.shape == mine.mT.shape and torch.equal(theirs, mine.mT):
+        return True
+    return None
 
 
 class KronOptimizer(Optimizer):
@@ -142,7 +197,7 @@ class KronOptimizer(Optimizer):
         scale_fn = scaler.get_scale if hasattr(scaler, "get_scale") else scaler
         self.capture = Capture(
             model,
-            list(self.layers.values()),
+            self._capture_layers(),
             fisher_type=options.fisher_type,
             loss=options.loss,
             loss_average=options.loss_average,
@@ -200,7 +255,10 @@ class KronOptimizer(Optimizer):
     def _discover_layers(self) -> None:
         group_of = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._deselected: set[nn.Parameter] = set()  # left first-order by include/exclude, not for lack of a helper
-        supported = []
+        #: Parameters used by several layers, by the name of the layer whose block preconditions them.
+        self.shared: dict[str, SharedParameter] = {}
+        self._use_layers: dict[str, list[TrackedLayer]] = {}
+        supported, candidates = [], []
         for name, module in self.model.named_modules():
             helper = self.helper_for(module)
             if helper is None:
@@ -220,14 +278,82 @@ class KronOptimizer(Optimizer):
                 continue  # frozen or not optimised by this optimizer
             if len(groups) > 1:
                 raise ValueError(f"Invalid param_groups: the parameters of layer {name!r} are in different groups")
-            index: int = groups.pop()  # type: ignore[assignment]
-            block = self.make_block(name, module, helper, self.param_groups[index])
-            layer = TrackedLayer(name, module, helper, block, params)
-            self.layers[name] = layer
-            self.layer_groups[index].append(layer)
+            candidates.append(_Candidate(name, module, helper, params, groups.pop()))  # type: ignore[arg-type]
+        for uses in _sharing(candidates):
+            if len(uses) == 1:
+                self._track(uses[0])
+            else:
+                self._track_shared(uses)
         unmatched = self.options.unmatched_includes(supported)
         if unmatched:
             raise ValueError(f"Invalid include: {unmatched} match none of the supported layers {supported}")
+        partly = {p for layer in self.layers.values() for p in layer.params} & self._deselected
+        for p in partly:
+            warn(
+                f"kronfac: parameter {self.param_names.get(p, '?')!r} is also used by a layer that include/exclude "
+                "leaves untracked; its curvature covers only the tracked layers' uses"
+            )
+
+    def _track(self, use: _Candidate, block: CurvatureBlock | None = None) -> TrackedLayer:
+        group = self.param_groups[use.group]
+        block = block if block is not None else self.make_block(use.name, use.module, use.helper, group)
+        layer = TrackedLayer(use.name, use.module, use.helper, block, use.params)
+        self.layers[use.name] = layer
+        self.layer_groups[use.group].append(layer)
+        return layer
+
+    def _track_shared(self, uses: list[_Candidate]) -> None:
+        """One block for a parameter several layers use (see :mod:`kronfac.curvature.shared`), or first-order
+        updates with a warning when the uses cannot be fitted by one Kronecker product."""
+        names = [use.name for use in uses]
+        shared = [p for p in uses[0].params if all(any(p is q for q in use.params) for use in uses)]
+        label = ", ".join(repr(self.param_names.get(p, "?")) for p in shared) or "a parameter"
+        canonical = next((use for use in uses if not use.helper.diagonal_a), uses[0])
+        reason = None
+        if not all(use.helper.shareable for use in uses):
+            reason = "one of them is a layer type whose parameters cannot be shared (a norm or attention)"
+        elif any({id(p) for p in use.params} != {id(p) for p in canonical.params} for use in uses):
+            reason = "they share some of their parameters but not all (a weight with separate biases)"
+        orientations = [_transposed(canonical, use) for use in uses]
+        if reason is None and None in orientations:
+            reason = "their weight matrices are neither equal nor transposes of each other"
+        if reason is not None:
+            self._deselected.update(p for use in uses for p in use.params)
+            warn(f"kronfac: {label} is shared by layers {names}; {reason}, so they take first-order updates")
+            return
+        block = self.make_block(canonical.name, canonical.module, canonical.helper, self.param_groups[canonical.group])
+        layer = self._track(canonical, block)
+        weight = canonical.params[0]
+        group = SharedParameter(label, block)
+        ordered = [canonical, *(use for use in uses if use is not canonical)]
+        for use in ordered:
+            d_in, d_out = use.helper.dims(use.module)
+            statistics = UseStatistics(
+                d_in,
+                d_out,
+                diagonal_a=use.helper.diagonal_a,
+                approx=self.options.approx,
+                dtype=self.options.statistics_dtype(weight),
+                device=weight.device,
+            )
+            group.uses.append(SharedUse(use.name, statistics, bool(_transposed(canonical, use))))
+        self.shared[layer.name] = group
+        self._use_layers[layer.name] = [
+            TrackedLayer(use.name, use.module, use.helper, shared_use.statistics, use.params)
+            for use, shared_use in zip(ordered, group.uses)
+        ]
+        warn(
+            f"kronfac: {label} is shared by layers {names}: it gets one update per step from one curvature block "
+            f"(kept by {canonical.name!r}), the Kronecker product nearest to the sum of the layers' blocks "
+            "(see docs/kfac.md, 'Shared parameters')"
+        )
+
+    def _capture_layers(self) -> list[TrackedLayer]:
+        """What the hooks feed: every tracked layer, with a shared parameter's layer replaced by its uses."""
+        out = []
+        for name, layer in self.layers.items():
+            out.extend(self._use_layers.get(name, [layer]))
+        return out
 
     @property
     def first_order(self) -> list[str]:
@@ -238,9 +364,13 @@ class KronOptimizer(Optimizer):
     def summary(self) -> str:
         """One line: which layers are preconditioned and which parameters are first-order."""
         first = self.first_order
+        shared = "".join(
+            f"; {group.parameter} shared by {', '.join(use.name for use in group.uses)} (one block)"
+            for group in self.shared.values()
+        )
         return (
             f"{type(self).__name__}: {len(self.layers)} layers preconditioned ({', '.join(self.layers) or '-'}); "
-            f"{len(first)} parameters first-order ({', '.join(first) or '-'})"
+            f"{len(first)} parameters first-order ({', '.join(first) or '-'}){shared}"
         )
 
     def _warn_untracked(self, tracked: set[nn.Parameter]) -> None:
@@ -328,12 +458,18 @@ class KronOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``; statistics of a full forward and backward pass that no ``step()`` took
         (a step a GradScaler skipped for inf gradients) are dropped too, so they never fold into the next step."""
-        if any(layer.block.has_pending() for layer in self.layers.values()):
+        pending = any(layer.block.has_pending() for layer in self.layers.values())
+        if pending or any(shared.has_pending() for shared in self.shared.values()):
             if self.sync is not None:
                 self.sync.statistics_dropped()
-            for layer in self.layers.values():
-                layer.block.discard_pending()
+            self._discard_pending()
         super().zero_grad(set_to_none=set_to_none)
+
+    def _discard_pending(self) -> None:
+        for layer in self.layers.values():
+            layer.block.discard_pending()
+        for shared in self.shared.values():
+            shared.discard_pending()
 
     def hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         """A group's hyperparameters at the current step; schedules are called and their values checked (a
@@ -415,6 +551,8 @@ class KronOptimizer(Optimizer):
             hypers: each group's :meth:`hyper` at this step (computed when not given).
         """
         hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
+        for shared in self.shared.values():
+            shared.combine()  # each rank fits its own uses; the ranks then average the fits like any statistics
         if self.sync is not None:
             self.sync.reduce_statistics()
         if self.correction is not None:
@@ -525,8 +663,7 @@ class KronOptimizer(Optimizer):
             self.num_skipped += 1
             if self.sync is not None:
                 self.sync.discard()
-            for layer in self.layers.values():
-                layer.block.discard_pending()
+            self._discard_pending()
         self.steps += 1
         self._schedule_capture()
         if self.sync is not None:
