@@ -308,3 +308,47 @@ def dcp_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
             out[f"{name} one process"] = dcp_run(name, world, rank, False, checkpoint, "resume")
         dist.barrier()
     return out
+
+
+# -- a tied embedding and head under DDP ----------------------------------------------------------------
+class TiedNet(nn.Module):
+    """Embedding -> tanh -> Linear head sharing the embedding's weight (GPT-2's wte / lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 5)
+        self.head = nn.Linear(5, 9, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(tokens)))
+
+
+def tied_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
+    """Train ``TiedNet`` under DDP (each rank its own rows) with each optimizer and strategy; return the weight."""
+    out = {}
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, 9, (world * LOCAL_BATCH, 6), generator=gen) for _ in range(STEPS)]
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    for name in names:
+        for strategy in ("naive", "spd"):
+            torch.manual_seed(0)
+            model = TiedNet().double()
+            ddp = DistributedDataParallel(model)
+            factory = {
+                "kfac": lambda m, d: kronfac.KFAC(m, lr=0.1, damping=1e-2, inverse_every=2, distributed=d, **tied),
+                "singd": lambda m, d: kronfac.SINGD(m, lr=0.05, damping=1e-2, factor_every=1, distributed=d, **tied),
+                "adafisher": lambda m, d: kronfac.AdaFisher(m, lr=1e-2, factor_every=1, distributed=d, **tied),
+            }[name]
+            opt = factory(model, kronfac.DistributedConfig(strategy=strategy))
+            for tokens in data:
+                opt.zero_grad()
+                logits = ddp(tokens[rows, :-1])
+                nn.functional.cross_entropy(logits.reshape(-1, 9), tokens[rows, 1:].reshape(-1)).backward()
+                opt.step()
+            out[f"{name}-{strategy}"] = model.emb.weight.detach().clone()
+            opt.close()
+    return out
+
+
+tied: dict[str, Any] = {"loss_average": "batch+sequence", "factor_dtype": torch.float64}

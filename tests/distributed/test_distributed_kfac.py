@@ -103,3 +103,11 @@ def test_distributed_checkpoint_resumes_on_two_ranks_and_in_one_process() -> Non
         single = results[0][f"{name} one process"]
         err = float((single - results[0][f"{name} saved"]).abs().max() / single.abs().max())
         assert err <= (1e-7 if name == "cgfac" else 1e-9), f"{name}: one-process resume off by {err:.2e}"
+
+
+def test_tied_weights_under_ddp_keep_replicas_identical() -> None:
+    """A shared parameter's fitted block is averaged over the ranks like any statistics: replicas stay equal."""
+    results = workers.launch(workers.tied_worker, 2, ["kfac", "singd", "adafisher"])
+    for key, weight in results[0].items():
+        assert torch.isfinite(weight).all(), key
+        torch.testing.assert_close(results[1][key], weight, rtol=0, atol=0, msg=key)
