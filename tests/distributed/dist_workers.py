@@ -227,13 +227,29 @@ def replica_data(world: int) -> list[tuple[Tensor, Tensor]]:
     ]
 
 
-def replica_train(name: str, world: int, rows: slice, ddp: bool, **overrides: Any) -> Tensor:
-    """Train the registry's ``name`` (default distributed handling) and return its flat parameters."""
+def shard(model: nn.Module, how: str) -> nn.Module:
+    """FSDP2 on the tiny model: ``"layers"``: each Conv2d/Linear and the root; ``"root"``: the root only;
+    ``"some"``: the first Linear and the root (the rest sharded as one group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    subs = {"layers": [0, 3, 6], "root": [], "some": [3]}[how]
+    for i in subs:
+        fully_shard(model[i])
+    fully_shard(model)
+    return model
+
+
+def replica_train(name: str, world: int, rows: slice, ddp: bool, fsdp: str | None = None, **overrides: Any) -> Tensor:
+    """Train the registry's ``name`` (default distributed handling) and return its flat parameters (under DDP,
+    or FSDP2 as :func:`shard` says, or in one process)."""
     import warnings
 
+    from kronfac.distributed.sharded import full
     from settings import OPTIMIZERS
 
     model = replica_model()
+    if fsdp is not None:
+        shard(model, fsdp)
     run: nn.Module = DistributedDataParallel(model) if ddp else model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # first-order fallbacks and placement notes
@@ -245,7 +261,12 @@ def replica_train(name: str, world: int, rows: slice, ddp: bool, **overrides: An
     close = getattr(opt, "close", None)
     if close is not None:
         close()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([full(p.detach()).reshape(-1) for p in model.parameters()])
+
+
+def fsdp_worker(rank: int, world: int, names: list[str], layouts: list[str]) -> dict[str, Tensor]:
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return {f"{name} {how}": replica_train(name, world, rows, ddp=False, fsdp=how) for name in names for how in layouts}
 
 
 def replica_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
@@ -256,23 +277,33 @@ def replica_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]
 
 
 # -- torch.distributed.checkpoint on 2 ranks, resumed on 2 ranks and in one process -----------------------------
-def dcp_run(name: str, world: int, rank: int, ddp: bool, checkpoint: str, mode: str) -> Tensor:
-    """``mode="save"``: train 3 steps, DCP-save, train 3 more; ``"resume"``: DCP-load, train the last 3 steps.
-    Returns the flat parameters at the end."""
+def dcp_run(name: str, world: int, rank: int, ddp: bool, checkpoint: str, mode: str, fsdp: str | None = None) -> Tensor:
+    """``mode="save"``: train 3 steps, DCP-save, train 3 more; ``"resume"``: DCP-load, train the last 3 steps
+    (under DDP, or FSDP2 as :func:`shard` says with ``fsdp``, or in one process when neither). Returns the flat
+    parameters at the end."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
+    from kronfac.distributed.sharded import full
     from settings import OPTIMIZERS
 
-    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if ddp else slice(None)
+    distributed = ddp or fsdp is not None
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH) if distributed else slice(None)
     data = replica_data(world) + replica_data(world)[:2]
     model = replica_model()
+    if fsdp is not None:
+        shard(model, fsdp)
     run: nn.Module = DistributedDataParallel(model) if ddp else model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = OPTIMIZERS[name](model) if ddp else OPTIMIZERS[name](model, distributed=False)
+        opt = OPTIMIZERS[name](model) if distributed else OPTIMIZERS[name](model, distributed=False)
 
         def train(batches: list[tuple[Tensor, Tensor]]) -> None:
             for x, y in batches:
@@ -282,19 +313,18 @@ def dcp_run(name: str, world: int, rank: int, ddp: bool, checkpoint: str, mode: 
 
         if mode == "save":
             train(data[:3])
-            dcp.save(
-                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint
-            )
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.save(state, checkpoint_id=checkpoint)
         else:
-            state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=checkpoint, no_dist=not ddp)
-            model.load_state_dict(state["model"])
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=checkpoint, no_dist=not distributed)
+            set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
         train(data[3:])
     close = getattr(opt, "close", None)
     if close is not None:
         close()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([full(p.detach()).reshape(-1) for p in model.parameters()])
 
 
 def dcp_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
@@ -352,3 +382,56 @@ def tied_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
 
 
 tied: dict[str, Any] = {"loss_average": "batch+sequence", "factor_dtype": torch.float64}
+
+
+def fsdp_extras_worker(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 beyond the registry: QE refused clearly, bf16 mixed precision keeps float32 curvature, the MC Fisher
+    keeps the shards consistent."""
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from kronfac.distributed.sharded import full
+
+    out: dict[str, Any] = {}
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    try:
+        kronfac.KFAC(shard(replica_model(), "layers"), correction=kronfac.KLDWRM("qe"))
+    except ValueError as exc:
+        out["qe"] = str(exc)
+    torch.manual_seed(0)
+    model = replica_model().float()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for i in (0, 3, 6):
+        fully_shard(model[i], mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kronfac.KFAC(model, lr=0.05, damping=1e-2, inverse_every=1)
+        for x, y in replica_data(world)[:2]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[rows].float()).float(), y[rows]).backward()
+            opt.step()
+    block = opt.layers["3"].block
+    out["bf16 factor dtypes"] = (block.a_factor.dtype, block.g_factor.dtype)
+    out["bf16 params"] = torch.cat([full(p.detach()).reshape(-1) for p in model.parameters()])
+    opt.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["mc"] = replica_train("kfac-mc", world, rows, ddp=False, fsdp="layers")
+    return out
+
+
+def fsdp_dcp_worker(rank: int, world: int, names: list[str]) -> dict[str, Tensor]:
+    """DCP save of an FSDP2 run, resumed under FSDP2 on the same ranks and by one process on the global batch."""
+    out: dict[str, Tensor] = {}
+    root = Path(os.environ["KRONFAC_TEST_OUT"])
+    for name in names:
+        checkpoint = str(root / f"fsdp-dcp-{name}")
+        out[f"{name} saved"] = dcp_run(name, world, rank, False, checkpoint, "save", fsdp="layers")
+        out[f"{name} resumed"] = dcp_run(name, world, rank, False, checkpoint, "resume", fsdp="layers")
+        dist.barrier()
+        if rank == 0:  # a different world size: the sharded checkpoint resumed by one process
+            out[f"{name} one process"] = dcp_run(name, world, rank, False, checkpoint, "resume")
+        dist.barrier()
+    return out

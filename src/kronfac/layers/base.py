@@ -21,6 +21,9 @@ module matches when a class of its MRO has that ``__module__.__qualname__``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,8 +35,11 @@ __all__ = [
     "LayerHelper",
     "RecordedCall",
     "UnsupportedModuleError",
+    "full_tensors",
     "helper_for",
+    "param_values",
     "register_helper",
+    "require_grads",
 ]
 
 
@@ -141,13 +147,41 @@ class CallHelper(LayerHelper):
         ``keep_graph``: more gradients of the same call follow (sampled Fisher), keep what can be reused."""
 
 
-def require_grads(params: list[nn.Parameter]) -> list[Tensor]:
-    """The parameters' ``.grad`` tensors; ``RuntimeError`` if one is missing."""
-    grads = [p.grad for p in params]
+#: Full tensors standing in for sharded parameters (FSDP2's DTensor shards) while a step reads them:
+#: ``id(param) -> (value or None, gradient)``; set by :func:`full_tensors`.
+_FULL: ContextVar[dict[int, tuple[Tensor | None, Tensor]] | None] = ContextVar("kronfac_full_tensors", default=None)
+
+
+@contextmanager
+def full_tensors(tensors: dict[int, tuple[Tensor | None, Tensor]]) -> Iterator[None]:
+    """Within the block, :func:`require_grads` and :func:`param_values` return the given full tensors for these
+    parameters (by ``id``): how the optimizer hands helpers the unsharded matrices of a sharded layer."""
+    token = _FULL.set(tensors)
+    try:
+        yield
+    finally:
+        _FULL.reset(token)
+
+
+def require_grads(params: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters' ``.grad`` tensors (full ones inside :func:`full_tensors`); ``RuntimeError`` if one is
+    missing."""
+    full = _FULL.get()
+    grads = [p.grad if full is None or id(p) not in full else full[id(p)][1] for p in params]
     missing = [i for i, g in enumerate(grads) if g is None]
     if missing:
         raise RuntimeError("layer has no gradient (was backward() called?)")
     return grads  # type: ignore[return-value]
+
+
+def param_values(params: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters' values, detached (full ones inside :func:`full_tensors`)."""
+    full = _FULL.get()
+    out = []
+    for p in params:
+        value = None if full is None or id(p) not in full else full[id(p)][0]
+        out.append(p.detach() if value is None else value)
+    return out
 
 
 _HELPERS: dict[type[nn.Module], LayerHelper] = {}

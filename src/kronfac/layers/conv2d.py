@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerHelper, UnsupportedModuleError, register_helper, require_grads
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, param_values, register_helper, require_grads
 from kronfac.layers.linear import append_ones
 
 __all__ = ["Conv2dHelper"]
@@ -81,11 +81,11 @@ class Conv2dHelper(LayerHelper):
         return [matrix.reshape(weight_shape)]
 
     def param_matrix(self, module: nn.Module) -> Tensor:
-        params = self.params(module)
-        weight = params[0].detach().flatten(1)
+        params = param_values(self.params(module))
+        weight = params[0].flatten(1)
         if len(params) == 1:
             return weight
-        return torch.cat([weight, params[1].detach().unsqueeze(1)], dim=1)
+        return torch.cat([weight, params[1].unsqueeze(1)], dim=1)
 
 
 register_helper(Conv2dHelper())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerHelper, UnsupportedModuleError, register_helper
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, param_values, register_helper, require_grads
 
 __all__ = ["EmbeddingHelper"]
 
@@ -33,17 +33,14 @@ class EmbeddingHelper(LayerHelper):
 
     def grad_matrix(self, module: nn.Module) -> Tensor:
         assert isinstance(module, nn.Embedding)
-        grad = module.weight.grad
-        if grad is None:
-            raise RuntimeError("layer has no gradient")
-        return grad.T
+        return require_grads([module.weight])[0].T
 
     def split(self, module: nn.Module, matrix: Tensor) -> list[Tensor]:
         return [matrix.T]
 
     def param_matrix(self, module: nn.Module) -> Tensor:
         assert isinstance(module, nn.Embedding)
-        return module.weight.detach().T
+        return param_values([module.weight])[0].T
 
 
 register_helper(EmbeddingHelper())

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from kronfac.layers.base import LayerHelper, register_helper, require_grads
+from kronfac.layers.base import LayerHelper, param_values, register_helper, require_grads
 
 __all__ = ["LinearHelper"]
 
@@ -49,11 +49,11 @@ class LinearHelper(LayerHelper):
         return [self.orient(matrix)]
 
     def param_matrix(self, module: nn.Module) -> Tensor:
-        params = self.params(module)
-        weight = self.orient(params[0].detach())
+        params = param_values(self.params(module))
+        weight = self.orient(params[0])
         if len(params) == 1:
             return weight
-        return torch.cat([weight, params[1].detach().unsqueeze(1)], dim=1)
+        return torch.cat([weight, params[1].unsqueeze(1)], dim=1)
 
 
 register_helper(LinearHelper())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from kronfac.layers.base import LayerHelper, UnsupportedModuleError, require_grads
+from kronfac.layers.base import LayerHelper, UnsupportedModuleError, param_values, require_grads
 
 __all__ = ["BatchNormHelper", "LayerNormHelper", "ScaleShiftHelper", "norm_helper_for"]
 
@@ -70,7 +70,7 @@ class ScaleShiftHelper(LayerHelper):
         return [matrix[:, i].reshape(p.shape) for i, p in enumerate(self.params(module))]
 
     def param_matrix(self, module: nn.Module) -> Tensor:
-        return torch.stack([p.detach().reshape(-1) for p in self.params(module)], dim=1)
+        return torch.stack([p.reshape(-1) for p in param_values(self.params(module))], dim=1)
 
 
 class LayerNormHelper(ScaleShiftHelper):

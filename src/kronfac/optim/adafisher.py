@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.diagonal_fisher import DiagonalFactors, DiagonalKroneckerBlock, FactorAveraging, ScaleShiftBlock
+from kronfac.distributed import sharded
 from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.layers.normalization import ScaleShiftHelper, norm_helper_for
@@ -174,7 +175,8 @@ class AdaFisher(KronOptimizer):
             assert isinstance(block, DiagonalFactors)
             fisher = block.fisher(damping)
             if fisher is not None:
-                pieces.update(zip(layer.params, layer.helper.split(layer.module, fisher)))
+                split = layer.helper.split(layer.module, fisher)
+                pieces.update((p, sharded.shard_like(f, p)) for p, f in zip(layer.params, split))
         return pieces
 
     def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -32,9 +32,10 @@ from torch.optim import Optimizer
 from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.shared import SharedParameter, SharedUse, UseStatistics
-from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active
+from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active, sharded
 from kronfac.errors import KronfacRuntimeWarning, warn
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
+from kronfac.layers.base import full_tensors
 from kronfac.optim import checkpoint
 from kronfac.optim.corrections.base import Correction, CorrectionContext
 from kronfac.optim.options import CALLABLE, CaptureOptions, check_positive_int, check_range, resolve
@@ -82,6 +83,11 @@ def _close(capture: Capture, sync: CurvatureSync | None, correction: Correction 
 
 def _keep(tensors: list[Tensor]) -> None:
     """One process: the local batch is the global one."""
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor."""
+    return tensor.to_local() if sharded.is_sharded(tensor) else tensor  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)
@@ -191,6 +197,8 @@ class KronOptimizer(Optimizer):
         self._discover_layers()
         tracked = {p for layer in self.layers.values() for p in layer.params}
         self.plain_params = [[p for p in g["params"] if p not in tracked] for g in self.param_groups]
+        #: Whether some parameter is an FSDP2 shard (see :mod:`kronfac.distributed.sharded`).
+        self.sharded = any(sharded.is_sharded(p) for g in self.param_groups for p in g["params"])
         self._warn_untracked(tracked)
 
         scaler = options.grad_scaler
@@ -518,15 +526,25 @@ class KronOptimizer(Optimizer):
         return loss
 
     def _gradients_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+        if self.sharded and grads:  # each rank holds other shards: all must agree to skip
+            finite = not sharded.any_nonfinite_anywhere(not finite, grads[0].device)
+        if finite:
             return True
         bad = next(
-            (p for g in self.param_groups for p in g["params"] if p.grad is not None and not p.grad.isfinite().all()),
+            (
+                p
+                for g in self.param_groups
+                for p in g["params"]
+                if p.grad is not None and not _local(p.grad).isfinite().all()
+            ),
             None,
         )
-        if bad is None:
+        if bad is None and not self.sharded:
             return True  # every entry is finite; only the norm overflowed (huge but finite gradients)
+        if bad is None:
+            return self._nonfinite("non-finite gradient in another rank's shard")
         owner = next((n for n, layer in self.layers.items() if any(q is bad for q in layer.params)), None)
         where = f"layer {owner!r}" if owner is not None else f"parameter {self.param_names.get(bad, '?')!r}"
         return self._nonfinite(f"non-finite gradient in {where}")
@@ -606,25 +624,28 @@ class KronOptimizer(Optimizer):
         for layer in layers:
             if any(p.grad is None for p in layer.params):
                 continue
-            grad = layer.helper.grad_matrix(layer.module)
-            if correction is not None:
-                grad = correction.transform(layer.name, grad, hyper)
-            if mode is WeightDecay.GRADIENT:
-                grad = grad + weight_decay * layer.helper.param_matrix(layer.module)
-            direction = correction.precondition(layer, grad) if correction is not None else None
-            if direction is None:
-                direction = self.direction(layer, grad, hyper)
-            if mode is WeightDecay.DIRECTION:
-                direction = direction + weight_decay * layer.helper.param_matrix(layer.module).to(direction.dtype)
+            with self._full_view(layer, values=mode in (WeightDecay.GRADIENT, WeightDecay.DIRECTION)):
+                grad = layer.helper.grad_matrix(layer.module)
+                if correction is not None:
+                    grad = correction.transform(layer.name, grad, hyper)
+                if mode is WeightDecay.GRADIENT:
+                    grad = grad + weight_decay * layer.helper.param_matrix(layer.module)
+                direction = correction.precondition(layer, grad) if correction is not None else None
+                if direction is None:
+                    direction = self.direction(layer, grad, hyper)
+                if mode is WeightDecay.DIRECTION:
+                    decay = layer.helper.param_matrix(layer.module).to(direction.dtype)
+                    direction = direction + weight_decay * decay
             pairs.append((layer, grad, direction))
         if hyper.get("kl_clip") is not None and pairs:
             pairs = self._kl_clip(pairs, hyper)
         for layer, _, direction in pairs:
             if correction is not None:
-                correction.observe(layer.name, direction, hyper)
+                with self._full_view(layer, values=True, grads=False):
+                    correction.observe(layer.name, direction, hyper)
             step.params.extend(layer.params)
             pieces = layer.helper.split(layer.module, direction)
-            step.directions.extend(u.to(p.dtype) for u, p in zip(pieces, layer.params))
+            step.directions.extend(sharded.shard_like(u.to(p.dtype), p) for u, p in zip(pieces, layer.params))
         for p in plain:
             if p.grad is None:
                 continue
@@ -636,6 +657,20 @@ class KronOptimizer(Optimizer):
             step.params.append(p)
             step.directions.append(grad)
         return step
+
+    @contextmanager
+    def _full_view(self, layer: TrackedLayer, *, values: bool, grads: bool = True) -> Iterator[None]:
+        """The layer's helper reads full gradients (and values) of sharded parameters: one all-gather each."""
+        if not self.sharded or not sharded.shards_any(layer.params):
+            yield
+            return
+        tensors = {
+            id(p): (sharded.full(p.detach()) if values else None, sharded.full(p.grad) if grads else p.grad)
+            for p in layer.params
+            if p.grad is not None
+        }
+        with full_tensors(tensors):
+            yield
 
     @staticmethod
     def _kl_clip(
@@ -652,10 +687,24 @@ class KronOptimizer(Optimizer):
     def _apply(self, step: GroupStep) -> None:
         if not step.params:
             return
+        parts = [step]
+        if self.sharded:  # the foreach kernels take DTensors or plain tensors, not both in one list
+            kinds = [sharded.is_sharded(p) for p in step.params]
+            parts = [
+                GroupStep(
+                    step.index,
+                    step.hyper,
+                    [p for p, k in zip(step.params, kinds) if k is kind],
+                    [u for u, k in zip(step.directions, kinds) if k is kind],
+                )
+                for kind in (True, False)
+                if kind in kinds
+            ]
         weight_decay = float(step.hyper.get("weight_decay", 0.0))
-        if weight_decay and self.weight_decay_mode is WeightDecay.DECOUPLED:
-            torch._foreach_mul_(step.params, 1.0 - float(step.hyper["lr"]) * weight_decay)
-        self.update(step)
+        for part in parts:
+            if weight_decay and self.weight_decay_mode is WeightDecay.DECOUPLED:
+                torch._foreach_mul_(part.params, 1.0 - float(part.hyper["lr"]) * weight_decay)
+            self.update(part)
 
     def _finish(self, *, skipped: bool) -> None:
         self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from kronfac.curvature.capture import TrackedLayer
 from kronfac.curvature.kfac_block import KFACBlock
+from kronfac.distributed import sharded
 from kronfac.linalg.base import KroneckerInverse, build_inverse, inverse_from_state, inverse_to_state
 from kronfac.optim.corrections.base import Correction, CorrectionContext
 from kronfac.optim.corrections.wake import WakeRefinement, clone_state
@@ -212,7 +213,8 @@ class KLDWRM(Correction):
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "carry": clone_state(self.carry),
+            # full tensors (a sharded parameter's carry is gathered), so the state does not depend on the ranks
+            "carry": {k: (sharded.full(c.detach()).clone(), lr) for k, (c, lr) in self.carry.items()},
             "batch": clone_state(self.batch),
             "inverses": {k: inverse_to_state(v) for k, v in self.inverses.items()},
             "refreshed": clone_state(self.refreshed),
@@ -220,7 +222,11 @@ class KLDWRM(Correction):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.carry = {k: (v[0].clone(), float(v[1])) for k, v in state.get("carry", {}).items()}
+        params = {name: p for p, name in self.context.param_names.items()} if self._context is not None else {}
+        self.carry = {
+            k: (sharded.shard_like(v[0].clone(), params[k]) if k in params else v[0].clone(), float(v[1]))
+            for k, v in state.get("carry", {}).items()
+        }
         self.batch.clear()
         self.batch.update(clone_state(state.get("batch", {})))
         self.inverses = {k: inverse_from_state(v) for k, v in state.get("inverses", {}).items()}

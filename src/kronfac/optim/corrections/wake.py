@@ -20,6 +20,7 @@ from torch.func import functional_call
 from kronfac.curvature.capture import TrackedLayer, first_tensor
 from kronfac.curvature.fisher import LossAverage, LossType
 from kronfac.curvature.kfac_block import KFACBlock
+from kronfac.distributed import sharded
 from kronfac.optim.corrections.base import CorrectionContext
 from kronfac.optim.types import GroupStep
 
@@ -77,6 +78,11 @@ class WakeRefinement:
         self._context: CorrectionContext | None = None
 
     def bind(self, context: CorrectionContext) -> None:
+        if any(sharded.is_sharded(p) for p in context.model.parameters()):
+            raise ValueError(
+                "Invalid correction: KLD-WRM 'qe' re-evaluates the model with torch.func.functional_call, which "
+                "FSDP2's sharded parameters do not support; use KLDWRM('q') or KLDWRM('so') with fully_shard"
+            )
         self._context = context
         self._handle = context.model.register_forward_pre_hook(self._save_inputs)
 
