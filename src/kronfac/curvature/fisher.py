@@ -22,12 +22,17 @@ __all__ = ["FisherType", "LossAverage", "LossType", "sampled_output_grads"]
 
 
 class FisherType(str, Enum):
+    """Which output gradients build ``G``: the loss's own (``"empirical"``), sampled labels' (``"mc"``) or the
+    exact GGN's (``"type2"``); see the module docstring."""
+
     EMPIRICAL = "empirical"
     MC = "mc"
     TYPE2 = "type2"
 
 
 class LossType(str, Enum):
+    """The loss ``mc`` and ``type2`` differentiate: ``"cross_entropy"`` or ``"mse"`` (per output row)."""
+
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
 
