@@ -18,6 +18,9 @@ def append_ones(x: Tensor) -> Tensor:
 
 
 class LinearHelper(LayerHelper):
+    """``nn.Linear``: input rows ``x`` (then a 1 for the bias), leading dimensions past the first as positions;
+    the base to subclass for your own module that is a linear map (docs/architecture.md, "Add a layer type")."""
+
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def dims(self, module: nn.Module) -> tuple[int, int]:
