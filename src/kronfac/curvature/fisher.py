@@ -22,8 +22,12 @@ __all__ = ["FisherType", "LossAverage", "LossType", "sampled_output_grads"]
 
 
 class FisherType(str, Enum):
-    """Which output gradients build ``G``: the loss's own (``"empirical"``), sampled labels' (``"mc"``) or the
-    exact GGN's (``"type2"``); see the module docstring."""
+    """Which output gradients build ``G``: ``"empirical"``, ``"mc"`` or ``"type2"``.
+
+    ``empirical``: the gradient of the user's own loss; ``mc``: of labels sampled from the model's predictive
+    distribution (Martens & Grosse 2015); ``type2``: the exact GGN/Fisher, one backward pass per output feature
+    (for tests and small models).
+    """
 
     EMPIRICAL = "empirical"
     MC = "mc"

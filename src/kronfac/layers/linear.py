@@ -18,8 +18,10 @@ def append_ones(x: Tensor) -> Tensor:
 
 
 class LinearHelper(LayerHelper):
-    """``nn.Linear``: input rows ``x`` (then a 1 for the bias), leading dimensions past the first as positions;
-    the base to subclass for your own module that is a linear map (docs/architecture.md, "Add a layer type")."""
+    """``nn.Linear``, with any number of leading dimensions (weight-sharing positions).
+
+    The base to subclass for your own module that is a linear map (docs/architecture.md, "Add a layer type").
+    """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
