@@ -22,12 +22,21 @@ __all__ = ["FisherType", "LossAverage", "LossType", "sampled_output_grads"]
 
 
 class FisherType(str, Enum):
+    """Which output gradients build ``G``: ``"empirical"``, ``"mc"`` or ``"type2"``.
+
+    ``empirical``: the gradient of the user's own loss; ``mc``: of labels sampled from the model's predictive
+    distribution (Martens & Grosse 2015); ``type2``: the exact GGN/Fisher, one backward pass per output feature
+    (for tests and small models).
+    """
+
     EMPIRICAL = "empirical"
     MC = "mc"
     TYPE2 = "type2"
 
 
 class LossType(str, Enum):
+    """The loss ``mc`` and ``type2`` differentiate: ``"cross_entropy"`` or ``"mse"`` (per output row)."""
+
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
 

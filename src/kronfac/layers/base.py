@@ -57,7 +57,8 @@ class LayerHelper(ABC):
     diagonal_a: ClassVar[bool] = False
     #: Whether the layer's weight may be shared with other layers (tied embeddings): its factors are those of
     #: ``y = W x`` in the ``d_o x d_i`` orientation, so uses can be fitted by one Kronecker product
-    #: (:mod:`kronfac.curvature.shared`). Per-feature helpers (norms) and per-call helpers (attention) are not.
+    #: (``kronfac.curvature.shared``; docs/kfac.md, "Shared parameters"). Per-feature helpers (norms) and per-call
+    #: helpers (attention) are not.
     shareable: ClassVar[bool] = True
 
     def check(self, module: nn.Module) -> None:  # noqa: B027 - optional hook

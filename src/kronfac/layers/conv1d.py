@@ -16,6 +16,8 @@ __all__ = ["Conv1DHelper"]
 
 
 class Conv1DHelper(LinearHelper):
+    """transformers' ``Conv1D``: a Linear whose weight is stored ``(d_in, d_out)``, matched by class name."""
+
     module_types = ()
     module_names = ("transformers.pytorch_utils.Conv1D",)
 

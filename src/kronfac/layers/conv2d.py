@@ -34,6 +34,8 @@ def _padding(module: nn.Conv2d) -> tuple[int, int]:
 
 
 class Conv2dHelper(LayerHelper):
+    """``nn.Conv2d``: unfolded patches are the input rows, output locations the weight-sharing positions."""
+
     module_types = (nn.Conv2d,)
 
     def check(self, module: nn.Module) -> None:

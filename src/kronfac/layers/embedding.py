@@ -13,6 +13,8 @@ __all__ = ["EmbeddingHelper"]
 
 
 class EmbeddingHelper(LayerHelper):
+    """``nn.Embedding`` as a Linear on one-hot inputs, with a diagonal ``A`` kept as a vector."""
+
     module_types = (nn.Embedding,)
     diagonal_a = True
 

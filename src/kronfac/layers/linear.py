@@ -18,6 +18,11 @@ def append_ones(x: Tensor) -> Tensor:
 
 
 class LinearHelper(LayerHelper):
+    """``nn.Linear``, with any number of leading dimensions (weight-sharing positions).
+
+    The base to subclass for your own module that is a linear map (docs/architecture.md, "Add a layer type").
+    """
+
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def dims(self, module: nn.Module) -> tuple[int, int]:

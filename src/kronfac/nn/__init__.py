@@ -2,8 +2,7 @@
 
 - :func:`kron_matvec`: ``y = (A ⊗ B) x`` without forming ``A ⊗ B``.
 - :class:`KronLinear`, :class:`KronLSTM`, :class:`KronGRU`: layers with Kronecker-product weights (Thakker
-et al.
-  2019), and :func:`compress` to convert trained dense layers by the nearest Kronecker product.
+  et al. 2019), and :func:`compress` to convert trained dense layers by the nearest Kronecker product.
 - KronA adapters (Edalati et al. 2022): :func:`add_kron_adapters`, :func:`merge_adapters`,
   :func:`unmerge_adapters`, :func:`remove_adapters`, :func:`save_adapters`, :func:`load_adapters`.
 """
@@ -18,7 +17,7 @@ from kronfac.nn.adapters import (
     adapter_report,
     add_kron_adapters,
 )
-from kronfac.nn.compress import CompressionReport, LayerCompression, compress
+from kronfac.nn.compression import CompressionReport, LayerCompression, compress
 from kronfac.nn.factorize import kron_shapes, nearest_kronecker
 from kronfac.nn.kron import kron_cost, kron_matvec
 from kronfac.nn.kron_linear import KronLinear

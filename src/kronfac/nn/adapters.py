@@ -87,7 +87,7 @@ class KronAdapter(nn.Module):
         out_features: ``d_out``.
         factors: ``((m1, n1), (m2, n2))``.
         scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``): finite, non-zero, and held by ``dtype``
-            (see :func:`check_scale`; a negative ``s`` is the same as negating ``A``).
+            (with ``s = 0`` the adapter could never train; a negative ``s`` is the same as negating ``A``).
         residual: Add the learnable scalar residual ``r x`` (KronA^B_res); needs ``d_in = d_out``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
@@ -152,12 +152,14 @@ class KronALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold ``ΔW`` into the base weight (``W <- W + ΔW``); forward then skips the adapter."""
         if not self.merged:
             self.base.weight.add_(self.adapter.delta_weight().to(self.base.weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W <- W - ΔW``)."""
         if self.merged:
             self.base.weight.sub_(self.adapter.delta_weight().to(self.base.weight.dtype))
             self.merged = False
@@ -378,7 +380,7 @@ def add_kron_adapters(
             ``k x k``, ``B`` the rest), ``((m1, n1), (m2, n2))``, or a mapping from target pattern to one
             of these.
         variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"`` (see the module docstring).
-        scale: ``s`` multiplying ``A ⊗ B``; a finite non-zero number (see :func:`check_scale`).
+        scale: ``s`` multiplying ``A ⊗ B``; a finite non-zero number (as for :class:`KronAdapter`).
         trainable: Extra module names/patterns (same matching) whose parameters stay trainable, e.g. a new
             head.
             They are not written by ``save_adapters``.

@@ -230,12 +230,13 @@ class KronRNNBase(StructuredRNN):
     """Common part of :class:`KronLSTM` and :class:`KronGRU`: Kronecker weights, conversion to and from dense.
 
     Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype: As for
+            ``nn.LSTM`` / ``nn.GRU``.
         compression: Target ratio for every weight matrix (closest near-square split, see
             :func:`~kronfac.nn.factorize.kron_shapes`).
         factors: Explicit ``((m1, n1), (m2, n2))`` per weight name (``"weight_ih_l0"``, ``"weight_hh_l0"``,
             ``"weight_ih_l0_reverse"``, ...); names not given fall back to ``compression``.
         tolerance: How far (as a factor) the achieved compression of one matrix may be from ``compression``.
-        Other arguments: as ``nn.LSTM`` / ``nn.GRU``.
 
     Raises:
         ValueError: If a weight has neither explicit factors nor a compression, or its shape cannot be

@@ -60,14 +60,14 @@ class AdaFisher(KronOptimizer):
     3. ``θ <- θ - α m̂ / F_D`` (weight decay coupled into ``g`` here, decoupled in :class:`AdaFisherW`).
 
     Supported modules: Linear, Conv2d, Embedding (through the shared helpers), LayerNorm and BatchNorm1d/2d/3d
-    (through :mod:`kronfac.layers.normalization`). Parameters are paired with their modules by identity.
+    (through ``kronfac.layers.normalization``). Parameters are paired with their modules by identity.
 
     Defaults and their source (:data:`ADAFISHER_DEFAULTS`): ``betas = (0.9, 0.8)``, ``damping = 1e-3`` (paper and
     reference code; the reference's ``gamma = 0.8`` is used here as the decay of a proper EMA); ``lr = 1e-2`` and
     ``factor_every = 10`` from our benchmark sweeps (the paper's ``lr = 1e-3`` and ``T_cov = 100`` leave a small
     MLP at 0.61 test accuracy after 300 steps, where AdamW's defaults reach 0.975); ``averaging="reference"``
     reproduces the reference's ``0.08 H + 0.008 Ĥ`` update started from ones, whose coefficients do not sum to 1
-    (:mod:`kronfac.curvature.diagonal_fisher`).
+    (``kronfac.curvature.diagonal_fisher``).
 
     Args:
         model: the model.

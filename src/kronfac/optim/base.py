@@ -746,7 +746,7 @@ class KronOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict; the curvature state rides in the first parameter's state (see
-        :mod:`kronfac.optim.checkpoint`), so ``torch.save`` and torch.distributed.checkpoint both keep it."""
+        ``kronfac.optim.checkpoint``), so ``torch.save`` and torch.distributed.checkpoint both keep it."""
         state = super().state_dict()
         for group in state["param_groups"]:
             for key, value in group.items():

@@ -64,8 +64,8 @@ class KFAC(KronOptimizer):
         inverse_every: refresh the inverses every this many steps.
         kl_clip: KL-clip bound κ; ``None`` disables it.
         inverse: backend config: :class:`~kronfac.EighConfig` (exact eigen-damping, the default),
-            :class:`~kronfac.CholeskyConfig` (factored damping), :class:`~kronfac.CGConfig` (matrix-free CG on
-            the factors) or another :class:`~kronfac.InverseConfig`.
+            :class:`~kronfac.CholeskyConfig` (factored damping), :class:`~kronfac.ThermodynamicConfig`
+            (simulated analog solver) or another :class:`~kronfac.InverseConfig`.
         correction: a correction composed into the step, e.g. :class:`~kronfac.KLDWRM`.
         distributed: ``None`` (average the curvature over the ranks when a process group with more than one
             rank is initialised), a :class:`~kronfac.DistributedConfig` (the strategy), or ``False``.

@@ -97,6 +97,7 @@ class Correction:
         """Remove hooks the correction installed."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The correction's state, saved in the optimizer's ``state_dict`` (none by default)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
