@@ -197,7 +197,7 @@ class KronOptimizer(Optimizer):
         self._discover_layers()
         tracked = {p for layer in self.layers.values() for p in layer.params}
         self.plain_params = [[p for p in g["params"] if p not in tracked] for g in self.param_groups]
-        #: Whether some parameter is an FSDP2 shard (see :mod:`kronfac.distributed.sharded`).
+        #: Whether some parameter is an FSDP2 shard (see ``kronfac.distributed.sharded`` and docs/distributed.md).
         self.sharded = any(sharded.is_sharded(p) for g in self.param_groups for p in g["params"])
         self._warn_untracked(tracked)
 
