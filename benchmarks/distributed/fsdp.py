@@ -45,7 +45,8 @@ def _local_bytes(tensors: list[Tensor]) -> int:
 
 
 def _curvature_bytes(opt: Any) -> int:
-    blob = opt.curvature_state_dict()
+    """Bytes of the factors and inverses this rank holds (placed curvature: its own layers only)."""
+    blob = [layer.block.state_dict() for layer in opt.layers.values()]
     tensors: list[Tensor] = []
 
     def walk(value: Any) -> None:
@@ -58,7 +59,7 @@ def _curvature_bytes(opt: Any) -> int:
             for v in value:
                 walk(v)
 
-    walk(blob["layers"])
+    walk(blob)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -123,7 +124,14 @@ def _worker(rank: int, world: int, port: int, out: str, args: argparse.Namespace
         for wrap in ("ddp", "fsdp2"):
             for method in ("adamw", "kfac"):
                 results.setdefault(f"{wrap} {method}", []).append(_run(rank, world, wrap, method, args))
-    if rank == 0:
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, results)
+    if rank == 0:  # memory: the largest rank's (placed curvature differs by rank); times: rank 0's
+        for key, runs in results.items():
+            for i, run in enumerate(runs):
+                for field in ("params_and_grads_bytes", "optim_state_bytes", "curvature_bytes"):
+                    run[field] = max(part[key][i][field] for part in every)
+                run["curvature_bytes_min"] = min(part[key][i]["curvature_bytes"] for part in every)
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -151,7 +159,7 @@ def main() -> None:
         for key, runs in results.items():
             wrap, method = key.split()
             row = {"world": world, "wrap": wrap, "method": method}
-            for field in ("params_and_grads_bytes", "optim_state_bytes", "curvature_bytes"):
+            for field in ("params_and_grads_bytes", "optim_state_bytes", "curvature_bytes", "curvature_bytes_min"):
                 row[field] = runs[-1][field]
             row["median_ms"] = statistics.median(r["median_ms"] for r in runs)
             row["mean_ms"] = statistics.median(r["mean_ms"] for r in runs)
@@ -172,14 +180,20 @@ def main() -> None:
         f" {meta['machine']}; load average {meta['load_average'][0]:.1f} (a shared machine: times are indicative,"
         " memory is exact).",
         "",
-        "| ranks | wrap | method | params+grads KiB/rank | optimizer state KiB/rank | curvature KiB/rank |"
+        "Memory is the largest rank's (curvature: largest / smallest rank); under FSDP2 K-FAC places each layer's"
+        " curvature on one rank (the default), so the ideal per-rank share is 1/ranks of the replicated size, up"
+        " to the granularity of whole layers.",
+        "",
+        "| ranks | wrap | method | params+grads KiB/rank | optimizer state KiB/rank | curvature KiB/rank (max / min) |"
         " median ms/step | mean ms/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['world']} | {r['wrap']} | {r['method']} | {r['params_and_grads_bytes'] / kib:.0f} |"
-            f" {r['optim_state_bytes'] / kib:.0f} | {r['curvature_bytes'] / kib:.0f} | {r['median_ms']:.1f} |"
+            f" {r['optim_state_bytes'] / kib:.0f} |"
+            f" {r['curvature_bytes'] / kib:.0f} / {r['curvature_bytes_min'] / kib:.0f} |"
+            f" {r['median_ms']:.1f} |"
             f" {r['mean_ms']:.1f} |"
         )
     (HERE / "fsdp.md").write_text("\n".join(lines) + "\n")

@@ -412,13 +412,38 @@ def fsdp_extras_worker(rank: int, world: int) -> dict[str, Any]:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[rows].float()).float(), y[rows]).backward()
             opt.step()
-    block = opt.layers["3"].block
-    out["bf16 factor dtypes"] = (block.a_factor.dtype, block.g_factor.dtype)
+    owned = [layer.block for layer in opt.layers.values() if layer.block.a_factor is not None]
+    out["bf16 factor dtypes"] = {(b.a_factor.dtype, b.g_factor.dtype) for b in owned}
     out["bf16 params"] = torch.cat([full(p.detach()).reshape(-1) for p in model.parameters()])
     opt.close()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out["mc"] = replica_train("kfac-mc", world, rows, ddp=False, fsdp="layers")
+    try:
+        kronfac.SINGD(shard(replica_model(), "layers"), distributed=kronfac.DistributedConfig(shard_curvature=True))
+    except ValueError as exc:
+        out["singd placed"] = str(exc)
+    # placement asked for under DDP (plain parameters): same math, the owners broadcast the directions
+    out["ddp placed"] = replica_train(
+        "kfac", world, rows, ddp=True, distributed=kronfac.DistributedConfig(shard_curvature=True)
+    )
+    # curvature memory per rank: placed by layer (the FSDP2 default) against replicated
+    for label, choice in (("placed", None), ("replicated", False)):
+        model = shard(replica_model(), "layers")
+        config = kronfac.DistributedConfig(shard_curvature=choice)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = kronfac.KFAC(model, lr=0.05, damping=1e-2, inverse_every=1, distributed=config)
+            for x, y in replica_data(world)[:2]:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+                opt.step()
+        held = [
+            t for layer in opt.layers.values() for t in (layer.block.a_factor, layer.block.g_factor) if t is not None
+        ]
+        out[f"{label} bytes"] = sum(t.numel() * t.element_size() for t in held)
+        out[f"{label} layers"] = sorted(n for n, layer in opt.layers.items() if layer.block.a_factor is not None)
+        opt.close()
     return out
 
 

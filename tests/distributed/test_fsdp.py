@@ -47,11 +47,22 @@ def test_fsdp2_mixed_precision_qe_and_mc() -> None:
     results = workers.launch(workers.fsdp_extras_worker, 2)
     for result in results:
         assert "FSDP2" in result["qe"] and "KLDWRM('q')" in result["qe"]
-        assert result["bf16 factor dtypes"] == (torch.float32, torch.float32)  # bf16 compute, float32 curvature
+        assert result["bf16 factor dtypes"] == {(torch.float32, torch.float32)}  # bf16 compute, float32 curvature
         assert torch.isfinite(result["bf16 params"]).all()
     # the shards stay one consistent model: every rank gathers the same parameters
     assert torch.equal(results[0]["bf16 params"], results[1]["bf16 params"])
     assert torch.equal(results[0]["mc"], results[1]["mc"])
+    assert "shard_curvature=True" in results[0]["singd placed"]
+    single = workers.replica_train("kfac", 2, slice(None), ddp=False)
+    err = float((results[0]["ddp placed"] - single).abs().max() / single.abs().max())
+    assert err <= 1e-9, f"placed curvature under DDP differs from one process by {err:.2e}"
+    # K-FAC's curvature lives on one owner per layer: the ranks hold disjoint layers that cover the model, and
+    # each rank's factors are a share of the replicated size
+    replicated = results[0]["replicated bytes"]
+    assert results[0]["replicated layers"] == results[1]["replicated layers"] == ["0", "3", "6"]
+    assert sorted(results[0]["placed layers"] + results[1]["placed layers"]) == ["0", "3", "6"]
+    assert results[0]["placed bytes"] + results[1]["placed bytes"] == replicated
+    assert max(r["placed bytes"] for r in results) < replicated
 
 
 def test_fsdp2_distributed_checkpoint_resumes_exactly_and_on_one_process() -> None:

@@ -184,6 +184,11 @@ class CGBlock(CurvatureBlock):
             self.solution = result.solution
         return result.solution.to(grad.dtype)
 
+    def release(self) -> None:
+        """Drop the stored rows and the warm start (another rank owns this layer's curvature)."""
+        self.batches, self.solution = [], None
+        self.discard_pending()
+
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -42,6 +42,12 @@ class KFACBlock(KroneckerFactors, CurvatureBlock):
     def precondition(self, grad: Tensor) -> Tensor:
         return grad if self.inverse is None else self.inverse.precondition(grad)
 
+    def release(self) -> None:
+        """Drop the factors and inverse (another rank owns this layer's curvature)."""
+        self.a_factor = self.g_factor = None
+        self.inverse = None
+        self.discard_pending()
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["inverse"] = None if self.inverse is None else inverse_to_state(self.inverse)

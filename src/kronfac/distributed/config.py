@@ -61,6 +61,10 @@ class DistributedConfig:
         learn_order: order the fused buffer by the order in which layers completed in the first curvature
             step (rank 0's), so buckets fill in backward order (spd); else reverse registration order.
         backend: backend of K-FAC's group (``"gloo"``, ``"nccl"``); ``None`` takes the default group's.
+        shard_curvature: keep each layer's factors and inverse only on one owner rank, which computes the layer's
+            direction and broadcasts it (``kronfac.distributed.placement``): per-rank curvature memory about
+            1/ranks. ``None`` (default): when the model's parameters are FSDP2 shards and the method's blocks
+            allow it (K-FAC, CG-FAC, without a correction); ``True`` requires that; ``False``: replicated.
     """
 
     strategy: Strategy | str = Strategy.SPD
@@ -70,6 +74,7 @@ class DistributedConfig:
     check_every: int = DEFAULT_CHECK_EVERY
     learn_order: bool = True
     backend: str | None = None
+    shard_curvature: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -81,5 +86,7 @@ class DistributedConfig:
         self.timeout = check_range("timeout (seconds)", self.timeout, 0.0, low_open=True)
         self.learn_order = check_bool("learn_order", self.learn_order)
         self.check_every = check_int("check_every", self.check_every, 0)
+        if self.shard_curvature is not None:
+            self.shard_curvature = check_bool("shard_curvature", self.shard_curvature)
         if self.backend is not None and self.backend not in ("gloo", "nccl", "mpi", "ucc"):
             raise ValueError(f"Invalid backend: {self.backend!r} (must be None, 'gloo', 'nccl', 'mpi' or 'ucc')")

@@ -33,6 +33,7 @@ from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.shared import SharedParameter, SharedUse, UseStatistics
 from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active, sharded
+from kronfac.distributed.placement import LayerPlacement
 from kronfac.errors import KronfacRuntimeWarning, warn
 from kronfac.layers import LayerHelper, UnsupportedModuleError, helper_for
 from kronfac.layers.base import full_tensors
@@ -223,6 +224,7 @@ class KronOptimizer(Optimizer):
         self.correction = correction
         if correction is not None:
             correction.bind(self._correction_context())
+        self.placement = self._make_placement()
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p].update(self.initial_state(p, group))
@@ -404,6 +406,24 @@ class KronOptimizer(Optimizer):
         config = distributed if isinstance(distributed, DistributedConfig) else DistributedConfig()
         return CurvatureSync(list(self.layers.values()), self.capture, config)
 
+    def _make_placement(self) -> LayerPlacement | None:
+        if self.sync is None:
+            return None
+        choice = self.sync.config.shard_curvature
+        eligible = (
+            self.layer_directions
+            and self.correction is None
+            and all(hasattr(layer.block, "release") for layer in self.layers.values())
+        )
+        if choice and not eligible:
+            raise ValueError(
+                f"Invalid distributed: shard_curvature=True needs a method whose layer blocks can live on one rank "
+                f"(KFAC, CGFAC) and no correction; {type(self).__name__} keeps its curvature on every rank"
+            )
+        if not (self.sharded and eligible if choice is None else choice):
+            return None
+        return LayerPlacement(list(self.layers.values()), self.sync.comm)
+
     def agreement_fields(self, hypers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """What must be equal on every rank, for the distributed agreement check: the step, the periods, the
         options that shape the statistics, the correction and each group's :meth:`hyper` at this step."""
@@ -579,6 +599,9 @@ class KronOptimizer(Optimizer):
         for hyper, layers in zip(hypers, self.layer_groups):
             for layer in layers:
                 block = layer.block
+                if self.placement is not None and not self.placement.owns(layer.name):
+                    block.discard_pending()  # its owner folds the reduced statistics in
+                    continue
                 if not block.has_pending():
                     block.discard_pending()
                     continue
@@ -602,7 +625,11 @@ class KronOptimizer(Optimizer):
         """
         hypers = hypers if hypers is not None else [self.hyper(group) for group in self.param_groups]
         work = [(layer, float(h["damping"])) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
-        if self.sync is not None:
+        if self.placement is not None:
+            for layer, damping in work:
+                if self.placement.owns(layer.name):
+                    layer.block.refresh(damping)
+        elif self.sync is not None:
             self.sync.refresh(work)
         else:
             for layer, damping in work:
@@ -631,12 +658,19 @@ class KronOptimizer(Optimizer):
                 if mode is WeightDecay.GRADIENT:
                     grad = grad + weight_decay * layer.helper.param_matrix(layer.module)
                 direction = correction.precondition(layer, grad) if correction is not None else None
+                if self.placement is not None and not self.placement.owns(layer.name):
+                    pairs.append((layer, grad, grad))  # a placeholder: the owner's direction replaces it below
+                    continue
                 if direction is None:
                     direction = self.direction(layer, grad, hyper)
                 if mode is WeightDecay.DIRECTION:
                     decay = layer.helper.param_matrix(layer.module).to(direction.dtype)
                     direction = direction + weight_decay * decay
             pairs.append((layer, grad, direction))
+        if self.placement is not None and pairs:
+            mine = {layer.name: u for layer, _, u in pairs if self.placement.owns(layer.name)}
+            every = self.placement.broadcast_directions(mine, {layer.name: g for layer, g, _ in pairs})  # type: ignore[arg-type]
+            pairs = [(layer, g, every[layer.name]) for layer, g, _ in pairs]
         if hyper.get("kl_clip") is not None and pairs:
             pairs = self._kl_clip(pairs, hyper)
         for layer, _, direction in pairs:
@@ -730,6 +764,10 @@ class KronOptimizer(Optimizer):
             out[name] = f"{type(layer.block).__name__} {d_in} x {d_out}"
         return out
 
+    def _layer_states(self) -> dict[str, Any]:
+        states = {name: layer.block.state_dict() for name, layer in self.layers.items()}
+        return states if self.placement is None else self.placement.gather_states(states)
+
     def curvature_state_dict(self) -> dict[str, Any]:
         """Everything of the state beyond torch.optim's per-parameter state: counters, the capture's sampler,
         every layer's block, the correction (what :meth:`state_dict` carries as one blob)."""
@@ -740,7 +778,7 @@ class KronOptimizer(Optimizer):
             "num_skipped": self.num_skipped,
             "consecutive_skipped": self.consecutive_skipped,
             "capture": self.capture.state_dict(),
-            "layers": {name: layer.block.state_dict() for name, layer in self.layers.items()},
+            "layers": self._layer_states(),
             "correction": self.correction.state_dict() if self.correction is not None else {},
         }
 
@@ -782,6 +820,8 @@ class KronOptimizer(Optimizer):
                     group[key] = old[key]
         for name, layer in self.layers.items():
             layer.block.load_state_dict(extra["layers"][name])
+            if self.placement is not None and not self.placement.owns(name):
+                layer.block.release()  # type: ignore[attr-defined]
         self.steps, self.num_skipped = int(extra["steps"]), int(extra["num_skipped"])
         self.consecutive_skipped = int(extra.get("consecutive_skipped", 0))
         self.capture.load_state_dict(extra["capture"])
