@@ -91,13 +91,15 @@ def make_data(world: int, dtype: torch.dtype, steps: int = STEPS, micro: int = 1
 
 def make_optimizer(model: nn.Module, variant: str, dtype: torch.dtype, distributed: Any = None) -> kronfac.KFAC:
     inverse = kronfac.CholeskyConfig() if variant == "cholesky" else kronfac.EighConfig()
+    if variant == "warm":  # refresh every step: full, warm, warm, full, warm
+        inverse = kronfac.EighConfig(refresh="warm", full_every=3)
     return kronfac.KFAC(
         model,
         lr=0.1,
         damping=1e-2,
         weight_decay=1e-3,
         factor_every=2 if variant == "every2" else 1,
-        inverse_every=3 if variant == "every2" else 2,
+        inverse_every={"every2": 3, "warm": 1}.get(variant, 2),
         kl_clip=1e-2,
         inverse=inverse,
         factor_dtype=dtype,

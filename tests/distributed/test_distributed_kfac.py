@@ -14,6 +14,14 @@ def _check_equal(results: list[dict], runs: list[tuple[str, str, torch.dtype, in
         key = f"{strategy}-{variant}-{dtype}-{micro}"
         expected = workers.reference(world, variant, dtype, micro)
         rtol = 1e-8 if dtype == F64 else 1e-4
+        if variant == "warm":
+            # A warm refresh starts from the last basis, and eigh's basis of a degenerate (rank-deficient) factor's
+            # null space is arbitrary: round-off-level differences of the reduced statistics pick another one, so
+            # the warm bases agree with one process only to the warm iteration's accuracy. Replicas stay identical.
+            rtol = 0.25
+            for result in results[1:]:
+                for name, value in results[0][key]["params"].items():
+                    assert torch.equal(result[key]["params"][name], value), f"{key}: replicas differ in {name}"
         for rank, result in enumerate(results):
             got = result[key]["params"]
             for name, value in expected.items():
@@ -44,6 +52,8 @@ def test_two_ranks_match_single_process() -> None:
         ("spd", "kldwrm", F64, 1),  # a correction that reads the batch statistics sees the global ones
         ("spd", "eigh", F32, 1),
         ("naive", "eigh", F32, 1),
+        ("naive", "warm", F64, 1),  # warm eigenbasis refreshes, batched over equal shapes
+        ("spd", "warm", F64, 1),  # warm eigenbasis refreshes of placed factors, from the adopted bases
     ]
     _check_equal(workers.launch(workers.equality_worker, 2, runs), runs, 2)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 import kronfac
 from kronfac.curvature.factors import KroneckerFactors
+from kronfac.curvature.kfac_block import KFACBlock
 from kronfac.distributed import (
     Communicator,
     DistributedConfig,
@@ -22,7 +23,9 @@ from kronfac.distributed import (
     PipelinedAllReduce,
     WorkAssignment,
 )
+from kronfac.distributed.inverse_parts import FactorwiseInverse
 from kronfac.distributed.payload import StatisticsPayload
+from kronfac.linalg import build_inverse
 
 
 def resnet50_factors() -> list[FactorSpec]:
@@ -211,3 +214,25 @@ def test_the_waits_of_one_step_share_the_timeout() -> None:
     outside = _Work(0.3)
     comm.wait((outside, "e"))
     assert outside.timeout == pytest.approx(1.0)
+
+
+def test_factorwise_warm_refresh_equals_one_process_build() -> None:
+    """The per-factor pieces of a warm eigenbasis refresh (placement) assemble into the inverse that
+    build_inverse makes from the same block and previous inverse (same warm start, same age)."""
+    torch.manual_seed(0)
+    config = kronfac.EighConfig(refresh="warm", full_every=3)
+    block = KFACBlock(6, 4, name="fc", inverse=config, dtype=torch.float64)
+    factorwise = FactorwiseInverse(config)
+    for step in range(4):
+        x, g = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64)
+        block.add_inputs(x.unsqueeze(1))
+        block.add_output_grads(g.unsqueeze(1), 1.0, 20)
+        block.commit(factor_decay=0.9)
+        expected = build_inverse(config, block.a_factor, block.g_factor, 1e-2, previous=block.inverse, layer="fc")
+        pieces = {f: factorwise.compute(block, f, 1e-2) for f in ("A", "G")}
+        inverse = factorwise.assemble(block, pieces, 1e-2, "fc")
+        assert inverse is not None and expected is not None
+        assert int(inverse.age) == int(expected.age) == [0, 1, 2, 0][step]
+        for name, value in expected.tensors().items():
+            torch.testing.assert_close(inverse.tensors()[name], value, atol=1e-12, rtol=0)
+        block.adopt_inverse(inverse)

@@ -18,6 +18,7 @@ __all__ = [
     "SummedStatistics",
     "reduce_input_rows",
     "reduce_output_grad_rows",
+    "refresh_blocks",
 ]
 
 
@@ -131,9 +132,24 @@ class CurvatureBlock(CurvatureStatistics):
     def refresh(self, damping: float) -> None:
         """Recompute derived state (inverses, the damped diagonal) from the running statistics."""
 
+    @classmethod
+    def refresh_many(cls, work: list[tuple[CurvatureBlock, float]]) -> None:
+        """:meth:`refresh` for several blocks of this type, each with its damping; a type may batch them."""
+        for block, damping in work:
+            block.refresh(damping)
+
     @abstractmethod
     def precondition(self, grad: Tensor) -> Tensor:
         """Map the ``d_o x d_i`` gradient matrix to the update direction."""
+
+
+def refresh_blocks(work: list[tuple[CurvatureBlock, float]]) -> None:
+    """Refresh every ``(block, damping)``, blocks of one type together (:meth:`CurvatureBlock.refresh_many`)."""
+    by_type: dict[type[CurvatureBlock], list[tuple[CurvatureBlock, float]]] = {}
+    for block, damping in work:
+        by_type.setdefault(type(block), []).append((block, damping))
+    for cls, items in by_type.items():
+        cls.refresh_many(items)
 
 
 class SummedStatistics(CurvatureStatistics):

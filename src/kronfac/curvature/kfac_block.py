@@ -10,8 +10,10 @@ from kronfac.curvature.block import CurvatureBlock
 from kronfac.curvature.factors import KroneckerFactors
 from kronfac.linalg.base import (
     InverseConfig,
+    InverseRequest,
     KroneckerInverse,
     build_inverse,
+    build_inverses,
     inverse_from_state,
     inverse_to_state,
 )
@@ -34,6 +36,26 @@ class KFACBlock(KroneckerFactors, CurvatureBlock):
         self.inverse = build_inverse(
             self.inverse_config, self.a_factor, self.g_factor, float(damping), previous=self.inverse, layer=self.name
         )
+
+    @classmethod
+    def refresh_many(cls, work: list[tuple[CurvatureBlock, float]]) -> None:
+        """Refresh blocks that share an inverse config in one :func:`~kronfac.linalg.base.build_inverses` call, so
+        that the backend can batch factors of equal shape."""
+        by_config: dict[int, list[KFACBlock]] = {}
+        dampings: dict[int, float] = {}
+        for block, damping in work:
+            assert isinstance(block, KFACBlock)
+            if block.a_factor is None or block.g_factor is None:
+                continue
+            by_config.setdefault(id(block.inverse_config), []).append(block)
+            dampings[id(block)] = float(damping)
+        for blocks in by_config.values():
+            requests = [
+                InverseRequest(b.a_factor, b.g_factor, dampings[id(b)], b.inverse, b.name)  # type: ignore[arg-type]
+                for b in blocks
+            ]
+            for block, inverse in zip(blocks, build_inverses(blocks[0].inverse_config, requests)):
+                block.inverse = inverse
 
     def adopt_inverse(self, inverse: KroneckerInverse) -> None:
         """Take an inverse computed elsewhere (distributed placement: another rank's pieces, assembled here)."""

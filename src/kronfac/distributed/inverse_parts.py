@@ -74,17 +74,24 @@ class FactorwiseInverse:
             return self._diagonal(matrix.to(dtype), shift)
         for attempt in _attempts(dtype):
             try:
-                piece = self._dense(matrix.to(attempt), shift)
+                piece = self._dense(matrix.to(attempt), shift, self._warm_start(block, factor, matrix.to(attempt)))
             except (torch.linalg.LinAlgError, RuntimeError):
                 continue
             if bool(torch.isfinite(piece).all()):
                 return piece.to(dtype)
         return torch.full((self.numel(matrix.shape[0]),), math.nan, dtype=dtype, device=matrix.device)
 
-    def _dense(self, matrix: Tensor, shift: float) -> Tensor:
+    def _warm_start(self, block: KroneckerFactors, factor: str, matrix: Tensor) -> Tensor | None:
+        """The previous basis of ``factor`` when the Eigh config warm-starts this refresh (every rank holds the
+        same previous inverse, so every rank decides alike)."""
+        if not isinstance(self.config, EighConfig):
+            return None
+        return self.config.warm_start(getattr(block, "inverse", None), factor, matrix)
+
+    def _dense(self, matrix: Tensor, shift: float, basis: Tensor | None = None) -> Tensor:
         if isinstance(self.config, EighConfig):
-            s, q = torch.linalg.eigh(matrix)
-            return torch.cat([q.reshape(-1), s.clamp_min(self.config.min_eigenvalue)])
+            ((q, s),) = self.config.eigenpairs([matrix], [basis])
+            return torch.cat([q.reshape(-1), s])
         eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
         chol, info = torch.linalg.cholesky_ex(matrix + shift * eye)
         if int(info) != 0:
@@ -115,6 +122,7 @@ class FactorwiseInverse:
                 q_a, s_a = a_piece.new_empty(0), a_piece
             else:
                 q_a, s_a = a_piece[: d_a * d_a].reshape(d_a, d_a), a_piece[d_a * d_a :]
-            return EighInverse(q_a, s_a, q_g, s_g, torch.tensor(float(damping), dtype=s_g.dtype))
+            age = self.config.next_age(getattr(block, "inverse", None))
+            return EighInverse(q_a, s_a, q_g, s_g, torch.tensor(float(damping), dtype=s_g.dtype), age)
         a_inv = a_piece if block.diagonal_a else a_piece.reshape(d_a, d_a)
         return CholeskyInverse(a_inv, g_piece.reshape(d_g, d_g))

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kronfac.curvature.block import CurvatureBlock, PendingStatistics
+from kronfac.curvature.block import PendingStatistics, refresh_blocks
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.kfac_block import KFACBlock
 from kronfac.distributed.agreement import AgreementCheck, BackwardCounter, canonical
@@ -325,10 +325,7 @@ class CurvatureSync:
         the same result on every rank)."""
         start = perf_counter()
         if self.factorwise is None:
-            for layer, damping in work:
-                block = layer.block
-                assert isinstance(block, CurvatureBlock)
-                block.refresh(damping)
+            refresh_blocks([(layer.block, damping) for layer, damping in work])
             self._acc["inversion"] += perf_counter() - start
         else:
             self._refresh_placed(work)

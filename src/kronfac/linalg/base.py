@@ -7,11 +7,14 @@ vector of length ``d_i``; ``G`` is ``d_o x d_o``.
 
 Robustness lives in :func:`build_inverse`, shared by every backend: factors are symmetrized and upcast to
 float32, a failure is retried in float64, and if that fails too the last good inverse is kept with a warning.
+:func:`build_inverses` refreshes many layers at once: a backend may batch them (:meth:`InverseConfig.build_batch`;
+the warm eigenbasis refresh does), and any layer whose batched result fails takes the one-layer path.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from kronfac.errors import KronfacRuntimeWarning, warn
 
-__all__ = ["InverseConfig", "KroneckerInverse", "build_inverse", "symmetrize"]
+__all__ = ["InverseConfig", "InverseRequest", "KroneckerInverse", "build_inverse", "build_inverses", "symmetrize"]
 
 
 def symmetrize(matrix: Tensor) -> Tensor:
@@ -74,6 +77,17 @@ def inverse_to_state(inverse: KroneckerInverse) -> dict[str, Any]:
     return {"kind": inverse.kind, "tensors": {k: v.clone() for k, v in inverse.tensors().items()}}
 
 
+@dataclass
+class InverseRequest:
+    """One layer's refresh: its factors, damping and the inverse it replaces (``None`` on the first refresh)."""
+
+    a_factor: Tensor
+    g_factor: Tensor
+    damping: float
+    previous: KroneckerInverse | None = None
+    layer: str = ""
+
+
 @dataclass(kw_only=True)
 class InverseConfig(ABC):
     """Base of the typed configs that select an inverse backend."""
@@ -82,6 +96,17 @@ class InverseConfig(ABC):
     def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> KroneckerInverse:
         """Factorize the damped factors. May raise ``torch.linalg.LinAlgError`` or return non-finite tensors;
         :func:`build_inverse` handles both."""
+
+    def build_from(
+        self, a_factor: Tensor, g_factor: Tensor, damping: float, previous: KroneckerInverse | None
+    ) -> KroneckerInverse:
+        """:meth:`build`, given the inverse being replaced (a backend may warm-start from it; the default does not)."""
+        return self.build(a_factor, g_factor, damping)
+
+    def build_batch(self, requests: Sequence[InverseRequest]) -> list[KroneckerInverse | None]:
+        """Build several layers' inverses at once (factors already symmetrized and upcast); ``None`` entries (the
+        default: all) take the one-layer path of :func:`build_inverse`. May raise like :meth:`build`."""
+        return [None] * len(requests)
 
 
 def build_inverse(
@@ -103,7 +128,7 @@ def build_inverse(
     error: Exception | None = None
     for dtype in dtypes:
         try:
-            inverse = config.build(a_factor.to(dtype), g_factor.to(dtype), damping)
+            inverse = config.build_from(a_factor.to(dtype), g_factor.to(dtype), damping, previous)
         except (torch.linalg.LinAlgError, RuntimeError) as exc:  # eigh/cholesky failures
             error = exc
             continue
@@ -116,3 +141,38 @@ def build_inverse(
         KronfacRuntimeWarning,
     )
     return previous
+
+
+def build_inverses(config: InverseConfig, requests: Sequence[InverseRequest]) -> list[KroneckerInverse | None]:
+    """:func:`build_inverse` for several layers, batched where the backend can (:meth:`InverseConfig.build_batch`,
+    in float32 or the factors' wider dtype); a layer whose batched result fails (or a batch that raises) is rebuilt
+    alone with the fp64 retry and the keep-the-last-good-inverse rule."""
+    results: list[KroneckerInverse | None] = [None] * len(requests)
+    if len(requests) > 1:
+        prepared = [
+            InverseRequest(*_prepared(r.a_factor, r.g_factor), r.damping, r.previous, r.layer) for r in requests
+        ]
+        try:
+            results = list(config.build_batch(prepared))
+        except (torch.linalg.LinAlgError, RuntimeError):
+            results = [None] * len(requests)
+    out = []
+    for request, result in zip(requests, results):
+        if result is None or not result.is_finite():
+            result = build_inverse(
+                config,
+                request.a_factor,
+                request.g_factor,
+                request.damping,
+                previous=request.previous,
+                layer=request.layer,
+            )
+        out.append(result)
+    return out
+
+
+def _prepared(a_factor: Tensor, g_factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetrized factors in float32 or their wider dtype (the first attempt of :func:`build_inverse`)."""
+    a_factor, g_factor = symmetrize(a_factor), symmetrize(g_factor)
+    dtype = torch.promote_types(a_factor.dtype, torch.float32)
+    return a_factor.to(dtype), g_factor.to(dtype)

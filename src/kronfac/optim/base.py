@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from kronfac.curvature.block import CurvatureBlock
+from kronfac.curvature.block import CurvatureBlock, refresh_blocks
 from kronfac.curvature.capture import Capture, TrackedLayer
 from kronfac.curvature.shared import SharedParameter, SharedUse, UseStatistics
 from kronfac.distributed import CurvatureSync, DistributedConfig, process_group_active, sharded
@@ -632,8 +632,7 @@ class KronOptimizer(Optimizer):
         elif self.sync is not None:
             self.sync.refresh(work)
         else:
-            for layer, damping in work:
-                layer.block.refresh(damping)
+            refresh_blocks([(layer.block, damping) for layer, damping in work])  # equal shapes may batch
         if self.correction is not None:
             self.correction.after_refresh(
                 [(layer, h) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
