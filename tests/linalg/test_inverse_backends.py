@@ -99,3 +99,20 @@ def test_non_finite_factor_is_not_accepted_as_inverse() -> None:
 def test_bad_config_values() -> None:
     with pytest.raises(ValueError, match="min_eigenvalue"):
         EighConfig(min_eigenvalue=-1.0)
+
+
+@pytest.mark.parametrize("diagonal_a", [False, True])
+def test_eigh_padded_products_equal_the_unpadded_formula(diagonal_a: bool) -> None:
+    """Wide layers run their products on bases padded to a multiple of 8; the result is the unpadded formula."""
+    a, g = spd(130, 0), spd(129, 1)
+    a = a.diagonal().clone() if diagonal_a else a
+    inverse = EighConfig().build(a, g, 1e-2)
+    assert inverse.q_g.shape == (129, 129) and inverse.tensors()["q_g"].shape == (129, 129)
+    grad = torch.randn(129, 130, dtype=torch.float64)
+    scale = 1.0 / (torch.outer(inverse.s_g, inverse.s_a) + 1e-2)
+    if diagonal_a:
+        expected = inverse.q_g @ ((inverse.q_g.T @ grad) * scale)
+    else:
+        expected = inverse.q_g @ ((inverse.q_g.T @ grad @ inverse.q_a) * scale) @ inverse.q_a.T
+    torch.testing.assert_close(inverse.precondition(grad), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(inverse.q_g @ torch.diag(inverse.s_g) @ inverse.q_g.T, g, atol=1e-12, rtol=0)
