@@ -39,7 +39,7 @@ class KFACBlock(KroneckerFactors, CurvatureBlock):
 
     @classmethod
     def refresh_many(cls, work: list[tuple[CurvatureBlock, float]]) -> None:
-        """Refresh blocks that share an inverse config in one :func:`~kronfac.linalg.base.build_inverses` call, so
+        """Refresh blocks that share an inverse config in one ``kronfac.linalg.build_inverses`` call, so
         that the backend can batch factors of equal shape."""
         by_config: dict[int, list[KFACBlock]] = {}
         dampings: dict[int, float] = {}
