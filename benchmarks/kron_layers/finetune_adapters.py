@@ -183,7 +183,7 @@ def methods(budget: str) -> dict[str, Callable[[MLP], nn.Module]]:
 
     def kron(variant: str, targets: list[str], factors: Any) -> Callable[[MLP], nn.Module]:
         def make(m: MLP) -> nn.Module:
-            add_kron_adapters(m, target_modules=targets, factors=factors, variant=variant, trainable=["head"])  # type: ignore[arg-type]
+            add_kron_adapters(m, target_modules=targets, factors=factors, variant=variant, modules_to_save=["head"])  # type: ignore[arg-type]
             return m
 
         return make

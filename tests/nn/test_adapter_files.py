@@ -1,7 +1,7 @@
-"""Adapter files load all or nothing (kronfac.nn.adapter_files).
+"""Adapter directories load all or nothing (kronfac.nn.adapter_files).
 
-A table of corrupted files: each case builds a valid adapter file, corrupts it one way and loads it into a fresh
-base model and into a model that already has matching adapters. Every case must be refused with a ``ValueError``
+A table of corrupted directories: each case saves a valid adapter directory, corrupts it one way and loads it into
+a fresh base model and into a model that already has matching adapters. Every case must be refused with a ``ValueError``
 that names the file, the module (where the problem has one) and the problem, and leave the model bit-identical:
 every parameter and buffer (bits, dtype, ``requires_grad``), the module tree with its types, and the adapters'
 scales and merged flags. The valid file, and valid variations of it, must load exactly.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,10 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kronfac.nn import add_kron_adapters, load_adapters, merge_adapters, save_adapters
-from kronfac.nn.adapters import adapter_modules
+from kronfac.nn.adapter_files import CONFIG_FILE, WEIGHTS_FILE
+from kronfac.nn.adapters import adapter_hosts, saved_modules
 
 DT = torch.float64
-KEY = "kronfac_adapters"
 TABLE = Path(__file__).resolve().parents[2] / "docs" / "reliability_adapters.md"
 X = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=DT)
 
@@ -52,16 +53,18 @@ def base_model() -> nn.Module:
 
 
 def adapted_model(seed: int) -> nn.Module:
-    """The base model with one adapter of each variant, their factors drawn from ``seed``."""
+    """The base model with one adapter of each variant and the head in modules_to_save, values from ``seed``."""
     model = base_model()
-    add_kron_adapters(model, target_modules=["proj"], variant="krona", factors=2, scale=0.5)
+    add_kron_adapters(model, target_modules=["proj"], variant="krona", factors=2, scale=0.5, modules_to_save=["head"])
     add_kron_adapters(model, target_modules=["ffn"], variant="krona_block_res", factors=2, scale=0.3)
     add_kron_adapters(model, target_modules=["mlp"], variant="krona_block", factors=((4, 2), (2, 4)), scale=-2.0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for wrapper in adapter_modules(model).values():
-            for p in wrapper.adapter.parameters():
+        for host in adapter_hosts(model).values():
+            for p in host.adapter.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=DT))
+        for p in model.head.copies["default"].parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=DT))
     return model
 
 
@@ -81,7 +84,11 @@ def snapshot(model: nn.Module) -> dict[str, object]:
     return {
         "module tree": [(n, type(m).__name__, m.training) for n, m in model.named_modules()],
         **{n: (t.dtype, tuple(t.shape), t.requires_grad, _bits(t)) for n, t in tensors},
-        "adapters": {n: (w.adapter.scale, w.merged) for n, w in adapter_modules(model).items()},
+        "adapters": {
+            n: ({k: a.scale for k, a in h.adapters.items()}, h.merged_adapters, h.active_adapters, h.disabled)
+            for n, h in adapter_hosts(model).items()
+        },
+        "saved": {n: (list(m.copies), m.active_adapters, m.disabled) for n, m in saved_modules(model).items()},
     }
 
 
@@ -89,17 +96,18 @@ def changes(before: dict[str, object], after: dict[str, object]) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-# --- corrupting a valid file --------------------------------------------------------------------------------------
+# --- corrupting a valid directory --------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads((path / CONFIG_FILE).read_text())
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    out = path.with_name("corrupted.safetensors")
-    save_file(tensors, str(out), metadata=metadata)
+def _copy(path: Path) -> Path:
+    out = path.with_name("corrupted")
+    shutil.copytree(path, out)
     return out
 
 
@@ -110,29 +118,40 @@ def edit(
     *,
     tensors: Callable[[dict[str, torch.Tensor]], object] | None = None,
     config: Callable[[dict], object] | None = None,
-    metadata: Callable[[dict[str, str]], object] | None = None,
+    metadata: Callable[[dict], object] | None = None,
 ) -> Corruption:
-    """A corruption that edits in place, in this order, the tensors, the parsed adapter metadata, the raw metadata."""
+    """A corruption that edits in place, in this order, the tensors, the config's ``adapters`` entries, the
+    whole config."""
 
     def corrupt(path: Path) -> Path:
         stored, raw = _read(path)
         if tensors is not None:
             tensors(stored)
         if config is not None:
-            parsed = json.loads(raw[KEY])
-            config(parsed)
-            raw[KEY] = json.dumps(parsed)
+            config(raw["adapters"])
         if metadata is not None:
             metadata(raw)
-        return _write(path, stored, raw)
+        out = _copy(path)
+        save_file(stored, str(out / WEIGHTS_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps(raw))
+        return out
 
     return corrupt
 
 
-def edit_bytes(change: Callable[[bytes], bytes]) -> Corruption:
+def edit_bytes(name: str, change: Callable[[bytes], bytes]) -> Corruption:
     def corrupt(path: Path) -> Path:
-        out = path.with_name("corrupted.safetensors")
-        out.write_bytes(change(path.read_bytes()))
+        out = _copy(path)
+        (out / name).write_bytes(change((out / name).read_bytes()))
+        return out
+
+    return corrupt
+
+
+def remove(name: str) -> Corruption:
+    def corrupt(path: Path) -> Path:
+        out = _copy(path)
+        (out / name).unlink()
         return out
 
     return corrupt
@@ -154,6 +173,10 @@ def empty_directory(path: Path) -> Path:
     return out
 
 
+def a_file(path: Path) -> Path:
+    return path / WEIGHTS_FILE
+
+
 def set_value(key: str, value: float) -> Corruption:
     def change(tensors: dict[str, torch.Tensor]) -> None:
         tensors[key].view(-1)[0] = value
@@ -161,9 +184,12 @@ def set_value(key: str, value: float) -> Corruption:
     return edit(tensors=change)
 
 
-def duplicate_entry(metadata: dict[str, str]) -> None:
-    config = json.loads(metadata[KEY])
-    metadata[KEY] = '{"proj": ' + json.dumps(config["proj"]) + ", " + metadata[KEY][1:]
+def duplicate_entry(path: Path) -> Path:
+    out = _copy(path)
+    text = (out / CONFIG_FILE).read_text()
+    entry = json.dumps(json.loads(text)["adapters"]["proj"])
+    (out / CONFIG_FILE).write_text(text.replace('"adapters": {', '"adapters": {"proj": ' + entry + ", ", 1))
+    return out
 
 
 # A self-consistent proj adapter for 8 -> 8 features; the module maps 6 -> 8.
@@ -198,20 +224,43 @@ class Case:
 
 NAN, INF = float("nan"), float("inf")
 CASES = [
-    # the file itself
-    Case("path is a directory without files", empty_directory, r"directory"),
-    Case("path does not exist", lambda p: p.with_name("missing.safetensors"), r"no such file"),
-    Case("truncated safetensors file", edit_bytes(lambda b: b[:-7]), r"not a readable safetensors file"),
-    Case("empty file", edit_bytes(lambda b: b""), r"not a readable safetensors file"),
-    Case("text file, not safetensors", edit_bytes(lambda b: b'{"proj": 1}'), r"not a readable safetensors file"),
-    # file-level metadata
-    Case("no kronfac metadata", edit(metadata=lambda m: m.pop(KEY)), r"no 'kronfac_adapters' metadata"),
-    Case("no format_version", edit(metadata=lambda m: m.pop("format_version")), r"format_version"),
+    # the directory and its files
+    Case("directory without files", empty_directory, r"no krona_config\.json"),
+    Case("path does not exist", lambda p: p.with_name("missing"), r"no such directory"),
+    Case("path is a file", a_file, r"not a directory"),
+    Case("no config file", remove(CONFIG_FILE), r"no krona_config\.json"),
+    Case("no weights file", remove(WEIGHTS_FILE), r"no krona_model\.safetensors"),
+    Case("truncated safetensors file", edit_bytes(WEIGHTS_FILE, lambda b: b[:-7]), r"not a readable safetensors"),
+    Case("empty safetensors file", edit_bytes(WEIGHTS_FILE, lambda b: b""), r"not a readable safetensors"),
+    Case("text file, not safetensors", edit_bytes(WEIGHTS_FILE, lambda b: b'{"proj": 1}'), r"not a readable"),
+    # the config as a whole
+    Case("bad JSON", edit_bytes(CONFIG_FILE, lambda b: b[:-3]), r"not valid JSON"),
+    Case("config not UTF-8", edit_bytes(CONFIG_FILE, lambda b: b"\xff" + b), r"not valid JSON"),
+    Case("JSON not an object", edit_bytes(CONFIG_FILE, lambda b: b"[1, 2]"), r"JSON object"),
+    Case("no format_version", edit(metadata=lambda m: m.pop("format_version")), r"missing key.*format_version"),
     Case("unknown format_version", edit(metadata=lambda m: m.update(format_version="99")), r"format_version"),
-    Case("bad JSON", edit(metadata=lambda m: m.update({KEY: m[KEY][:-1]})), r"not valid JSON"),
-    Case("JSON not an object", edit(metadata=lambda m: m.update({KEY: "[1, 2]"})), r"JSON object"),
-    Case("no adapters listed", edit(metadata=lambda m: m.update({KEY: "{}"})), r"no adapters"),
-    Case("duplicate module name", edit(metadata=duplicate_entry), r"duplicate", "proj"),
+    Case("no adapters listed", edit(metadata=lambda m: m.update(adapters={})), r"no adapters"),
+    Case("adapters not an object", edit(metadata=lambda m: m.update(adapters=[1])), r"JSON object"),
+    Case("duplicate module name", duplicate_entry, r"duplicate key.*proj"),
+    Case("adapter_name with a dot", edit(metadata=lambda m: m.update(adapter_name="a.b")), r"adapter_name"),
+    Case("base_model not an object", edit(metadata=lambda m: m.update(base_model="gpt2")), r"base_model"),
+    Case(
+        "another base model class",
+        edit(metadata=lambda m: m["base_model"].update({"class": "transformers.GPT2Model"})),
+        r"trained on a transformers\.GPT2Model",
+    ),
+    Case(
+        "another base model shape",
+        edit(metadata=lambda m: m["base_model"].update(fingerprint="sha256:0")),
+        r"names and shapes differ",
+    ),
+    Case("modules_to_save not a list", edit(metadata=lambda m: m.update(modules_to_save="head")), r"list"),
+    Case(
+        "modules_to_save lists an adapted module",
+        edit(metadata=lambda m: m.update(modules_to_save=["head", "proj"])),
+        r"both adapted and in modules_to_save|no tensor of it",
+        "proj",
+    ),
     # one adapter's entry
     Case("entry not an object", edit(config=lambda c: c.update(proj=3)), r"JSON object", "proj"),
     Case("missing key 'factors'", edit(config=lambda c: c["proj"].pop("factors")), r"missing key.*factors", "proj"),
@@ -248,13 +297,13 @@ CASES = [
     Case("scale null", edit(config=lambda c: c["proj"].update(scale=None)), r"scale.*number", "proj"),
     # module names
     Case("empty module name", rename("proj", ""), r"empty module name", ""),
-    Case("unknown module name", rename("proj", "proj2"), r"no such module|no adapter", "proj2"),
-    Case("name of a parameter", rename("proj", "proj.weight"), r"no such module|no adapter", "proj.weight"),
-    Case("nested module names", add_nested, r"inside|no adapter", "ffn.0"),
+    Case("unknown module name", rename("proj", "proj2"), r"no such module|does not match", "proj2"),
+    Case("name of a parameter", rename("proj", "proj.weight"), r"no such module|does not match", "proj.weight"),
+    Case("nested module names", add_nested, r"inside|does not match", "ffn.0"),
     Case(
         "block variant on a module without Linear",
         rename("mlp", "act"),
-        r"no nn\.Linear|no adapter",
+        r"no nn\.Linear|does not match",
         "act",
     ),
     Case(
@@ -280,8 +329,8 @@ CASES = [
     ),
     Case(
         "tensor of no listed module",
-        edit(tensors=lambda t: t.update({"head.kron_a": torch.zeros(2, 2, dtype=DT)})),
-        r"head\.kron_a.*no adapter",
+        edit(tensors=lambda t: t.update({"act.kron_a": torch.zeros(2, 2, dtype=DT)})),
+        r"act\.kron_a.*belongs to no adapter",
     ),
     Case(
         "wrong shape (B transposed)",
@@ -310,6 +359,41 @@ CASES = [
         r"dtype torch\.bool",
         "mlp",
     ),
+    # modules_to_save
+    Case(
+        "saved module without tensors",
+        edit(tensors=lambda t: [t.pop(k) for k in ("head.weight", "head.bias")]),
+        r"no tensor of it",
+        "head",
+    ),
+    Case(
+        "saved module missing a tensor",
+        edit(tensors=lambda t: t.pop("head.bias")),
+        r"missing tensor.*head\.bias",
+        "head",
+    ),
+    Case(
+        "saved module with an extra tensor",
+        edit(tensors=lambda t: t.update({"head.scale": torch.ones(3, dtype=DT)})),
+        r"unexpected tensor.*head\.scale",
+        "head",
+    ),
+    Case(
+        "saved module wrong shape",
+        edit(tensors=lambda t: t.update({"head.weight": torch.zeros(3, 9, dtype=DT)})),
+        r"shape \(3, 9\).*\(3, 8\)",
+        "head",
+    ),
+    Case("NaN in a saved module", set_value("head.weight", NAN), r"non-finite", "head"),
+    Case(
+        "saved module of no such module",
+        edit(
+            tensors=lambda t: t.update({"tail.weight": t.pop("head.weight"), "tail.bias": t.pop("head.bias")}),
+            metadata=lambda m: m.update(modules_to_save=["tail"]),
+        ),
+        r"no such module|differ from the model's",
+        "tail",
+    ),
 ]
 
 
@@ -325,7 +409,7 @@ class Outcome:
 
 
 def valid_file(directory: Path) -> Path:
-    path = directory / "adapters.safetensors"
+    path = directory / "adapters"
     save_adapters(adapted_model(seed=1), path)
     return path
 
@@ -373,19 +457,24 @@ VALID: dict[str, Corruption] = {
     "negative scale": edit(config=lambda c: c["proj"].update(scale=-c["proj"]["scale"])),
     "integer scale": edit(config=lambda c: c["proj"].update(scale=2)),
     "float32 tensors into a float64 model": edit(tensors=_as_float32),
-    "extra top-level metadata": edit(metadata=lambda m: m.update(format="pt")),
+    "extra top-level config key": edit(metadata=lambda m: m.update(peft_type="KRONA")),
 }
 
 
 def reference_model(path: Path) -> nn.Module:
     """The model the file describes, built without load_adapters: the adapted model with the file's values."""
-    tensors, metadata = _read(path)
+    tensors, config = _read(path)
     model = adapted_model(seed=1)
     with torch.no_grad():
-        for name, wrapper in adapter_modules(model).items():
-            wrapper.adapter.scale = float(json.loads(metadata[KEY])[name]["scale"])
-            for key, p in wrapper.adapter.named_parameters():
-                p.copy_(tensors[f"{name}.{key}"])
+        for name, host in adapter_hosts(model).items():
+            adapter = host.adapter
+            adapter.scale = float(config["adapters"][name]["scale"])
+            adapter.kron_a.weight.copy_(tensors[f"{name}.kron_a"])
+            adapter.kron_b.weight.copy_(tensors[f"{name}.kron_b"])
+            if adapter.res_scale is not None:
+                adapter.res_scale.copy_(tensors[f"{name}.res_scale"])
+        for key, p in model.head.copies["default"].named_parameters():
+            p.copy_(tensors[f"head.{key}"])
     return model
 
 
@@ -400,10 +489,11 @@ def run_valid(name: str, target: str, directory: Path) -> Outcome:
     problems = [f"differs from the file: {diff}" for diff in changes(snapshot(expected), snapshot(model))[:4]]
     if not torch.equal(model.eval()(X), expected.eval()(X)):
         problems.append("outputs differ")
-    if report.trainable_params != sum(
-        p.numel() for w in adapter_modules(model).values() for p in w.adapter.parameters()
+    expected_trainable = sum(p.numel() for h in adapter_hosts(model).values() for p in h.adapter.parameters())
+    if report.trainable_params != expected_trainable + sum(
+        p.numel() for p in model.head.copies["default"].parameters()
     ):
-        problems.append("trainable parameters are not exactly the adapters")
+        problems.append("trainable parameters are not exactly the adapters and the saved head")
     return Outcome("", tuple(problems))
 
 
@@ -418,7 +508,7 @@ def test_saved_file_round_trips_bit_for_bit(tmp_path: Path) -> None:
     path = valid_file(tmp_path)
     model = base_model()
     load_adapters(model, path)
-    again = tmp_path / "again.safetensors"
+    again = tmp_path / "again"
     save_adapters(model, again)
     first, second = _read(path), _read(again)
     assert first[1] == second[1]
@@ -428,7 +518,7 @@ def test_saved_file_round_trips_bit_for_bit(tmp_path: Path) -> None:
 
 def _huge_a(model: nn.Module) -> None:
     with torch.no_grad():
-        model.proj.adapter.kron_a[0, 0] = 1e300
+        model.proj.adapter.kron_a.weight[0, 0] = 1e300
 
 
 def _huge_scale(model: nn.Module) -> None:
@@ -447,7 +537,7 @@ def test_values_must_stay_finite_in_the_model_dtype(
 ) -> None:
     model = adapted_model(seed=1)
     change(model)
-    path = tmp_path / "adapters.safetensors"
+    path = tmp_path / "adapters"
     save_adapters(model, path)  # valid in float64
     target = base_model().float()
     before = snapshot(target)
@@ -459,8 +549,8 @@ def test_values_must_stay_finite_in_the_model_dtype(
 def test_save_refuses_a_file_that_load_would_refuse(tmp_path: Path) -> None:
     model = adapted_model(seed=1)
     with torch.no_grad():
-        model.ffn.adapter.kron_b[0, 0] = float("nan")
-    path = tmp_path / "adapters.safetensors"
+        model.ffn.adapter.kron_b.weight[0, 0] = float("nan")
+    path = tmp_path / "adapters"
     with pytest.raises(ValueError, match=r"Cannot save adapters to .*module 'ffn'.*non-finite"):
         save_adapters(model, path)
     assert not path.exists()
@@ -469,7 +559,7 @@ def test_save_refuses_a_file_that_load_would_refuse(tmp_path: Path) -> None:
 def test_load_into_merged_adapters_is_refused(tmp_path: Path) -> None:
     model = base_model()
     add_kron_adapters(model, target_modules=["proj", "head"])
-    path = tmp_path / "adapters.safetensors"
+    path = tmp_path / "adapters"
     save_adapters(model, path)
     merge_adapters(model)
     before = snapshot(model)
@@ -508,17 +598,18 @@ def reliability_table() -> str:
             with tempfile.TemporaryDirectory() as directory:
                 valid.setdefault(name, {})[target] = run_valid(name, target, Path(directory))
     lines = [
-        "# Reliability: KronA adapter files",
+        "# Reliability: KronA adapter directories",
         "",
         "Generated by `PYTHONPATH=src python tests/nn/test_adapter_files.py --table` from the cases of",
         "`tests/nn/test_adapter_files.py` (the same cases the tests run); do not edit by hand.",
         "",
-        "Each case saves a valid adapter file (one `krona`, one `krona_block_res` and one `krona_block` adapter),",
-        "corrupts it one way and calls `load_adapters` on a fresh base model and on a model that already has",
-        "matching adapters. *Refused cleanly*: a `ValueError` whose message names the file, the module (where the",
-        "problem has one) and the problem, and the model bit-identical afterwards (every parameter and buffer with",
-        "its dtype and `requires_grad`, the module tree with its types and train/eval modes, the adapters' scales",
-        "and merged flags).",
+        "Each case saves a valid adapter directory (`krona_config.json` + `krona_model.safetensors`: one `krona`,",
+        "one `krona_block_res` and one `krona_block` adapter, and the head in `modules_to_save`), corrupts it one",
+        "way and calls `load_adapters` on a fresh base model and on a model that already has matching adapters.",
+        "*Refused cleanly*: a `ValueError` whose message names the directory, the module (where the problem has",
+        "one) and the problem, and the model bit-identical afterwards (every parameter and buffer with its dtype",
+        "and `requires_grad`, the module tree with its types and train/eval modes, the adapters' scales, merged,",
+        "active and disabled state, and the saved modules' copies).",
         "",
         "The scale `s` of `ΔW = s (A ⊗ B)` must be a finite non-zero number: with `s = 0` the gradients of `A` and",
         "`B` vanish, so the adapter could never train. A negative `s` is valid (`s (A ⊗ B) = |s| ((-A) ⊗ B)`).",

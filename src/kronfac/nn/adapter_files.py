@@ -1,28 +1,37 @@
-"""KronA adapter files: :func:`save_adapters` and :func:`load_adapters`, all or nothing.
+"""KronA adapter directories: :func:`save_adapters` and :func:`load_adapters`, all or nothing.
 
-Format (``format_version`` ``"1"``): a safetensors file with the adapter tensors only, keyed ``<module>.kron_a``
-``(m1, n1)``, ``<module>.kron_b`` ``(m2, n2)`` and, for ``krona_block_res``, ``<module>.res_scale`` ``()``; its
-metadata holds ``format_version`` and ``kronfac_adapters``, a JSON object ``{module name: {"variant",
-"factors": [[m1, n1], [m2, n2]], "scale", "in_features", "out_features"}}``, so that :func:`load_adapters` can
-re-create the adapters on a fresh copy of the base model.
+Format (``format_version`` ``"2"``): one directory per adapter (the adapter ``"default"`` in the directory given,
+any other name in a subdirectory of that name, PEFT's layout) holding
 
-:func:`load_adapters` checks the whole file before it changes the model, and refuses with a ``ValueError`` that
+- ``krona_config.json``: ``{"format_version": "2", "adapter_name", "base_model": {"class", "fingerprint"},
+  "adapters": {module name: {"variant", "factors": [[m1, n1], [m2, n2]], "scale", "in_features",
+  "out_features"}}, "modules_to_save": [module names]}``. The keys of ``adapters`` are the targets; ``class``
+  is the base model's qualified class name and ``fingerprint`` a hash of its parameter names and shapes
+  (:func:`~kronfac.nn.adapter_inject.base_fingerprint`), so a file meets only the architecture it was trained
+  on. Other top-level keys are ignored.
+- ``krona_model.safetensors``: ``<module>.kron_a`` ``(m1, n1)``, ``<module>.kron_b`` ``(m2, n2)`` and, for
+  ``krona_block_res``, ``<module>.res_scale`` ``()``; for each module of ``modules_to_save``, its
+  ``state_dict`` as ``<module>.<key>``.
+
+:func:`load_adapters` checks everything before it changes the model, and refuses with a ``ValueError`` that
 names the file, the module and the problem:
 
-- the metadata: every key, no unknown one, no duplicate module, a known variant, integer shapes that multiply
-  to the features;
-- the tensors: exactly the expected ones, with their shapes, a floating-point dtype and finite values;
-- the fit with the model: each module exists, is not the model itself (an empty name), does not lie inside
-  another module of the file, and takes the file's variant and features (on a model that has adapters already:
-  they are the file's);
-- the values in the dtype the adapter gets (the module's): each tensor finite after the cast, and
+- the files: a directory with both files, readable JSON (no duplicate key) and safetensors;
+- the config: every key, no unknown one in an entry, a known variant, integer shapes that multiply to the
+  features, a finite non-zero scale; the base model's class and fingerprint (``check_base=False`` skips this);
+- the tensors: exactly the expected ones, with their shapes, a floating-point dtype and finite values (a saved
+  module's integer buffers keep their dtype);
+- the fit with the model: each module exists in the base model, is not the model itself, does not nest with
+  another adapted or saved module, and takes the file's variant and features; an adapter name the model has
+  already must have exactly the file's modules, variants and shapes, unmerged;
+- the values in the dtype they get (the module's): each tensor finite after the cast, and
   ``ΔW = s (A ⊗ B)`` finite on every input in ``[-1, 1]``, i.e. ``‖ΔW‖∞ = |s| ‖A‖∞ ‖B‖∞`` (largest absolute row
   sum) at most the dtype's largest value; beyond it the forward pass and merging produce inf and NaN.
 
 The scale ``s`` must be non-zero: with ``s = 0``, ``ΔW`` and the gradients of ``A`` and ``B`` vanish, so the
 adapter does nothing and can never train. A negative ``s`` is valid: ``s (A ⊗ B) = |s| ((-A) ⊗ B)``.
-:func:`save_adapters` runs the same file checks on what it is about to write, so it never writes a file that
-:func:`load_adapters` refuses.
+:func:`save_adapters` runs the same checks on what it is about to write, so it never writes a directory that
+:func:`load_adapters` refuses, and replaces each file atomically.
 
 Reference:
     A. Edalati et al., "KronA: Parameter efficient tuning with Kronecker adapter", arXiv:2212.10650 (2022).
@@ -30,33 +39,46 @@ Reference:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from kronfac.nn.adapter_inject import (
+    adapter_features,
+    apply_active,
+    base_fingerprint,
+    base_named_modules,
+    make_adapter,
+    new_host,
+    new_saved,
+    set_module,
+)
+from kronfac.nn.adapter_ops import adapter_names as names_of
 from kronfac.nn.adapters import (
     VARIANTS,
+    AdapterHost,
     AdapterReport,
-    AdapterWrapper,
-    adapter_dtype,
-    adapter_features,
-    adapter_modules,
+    KronAdapter,
+    adapter_hosts,
     adapter_report,
     check_scale,
-    make_wrapper,
-    set_module,
+    saved_modules,
 )
 from kronfac.nn.factorize import KronShape, check_shape
 
-__all__ = ["load_adapters", "save_adapters"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_adapters", "save_adapters"]
 
-METADATA_KEY = "kronfac_adapters"
-VERSION_KEY = "format_version"
-FORMAT_VERSION = "1"
+CONFIG_FILE = "krona_config.json"
+WEIGHTS_FILE = "krona_model.safetensors"
+FORMAT_VERSION = "2"
+CONFIG_KEYS = ("format_version", "adapter_name", "base_model", "adapters", "modules_to_save")
 ENTRY_KEYS = ("variant", "factors", "scale", "in_features", "out_features")
 
 
@@ -71,6 +93,17 @@ class FileAdapter:
     in_features: int
     out_features: int
     tensors: dict[str, Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterFile:
+    """A parsed adapter directory: the config's fields, its adapters and the saved modules' tensors."""
+
+    adapter_name: str
+    base_class: str
+    fingerprint: str
+    adapters: list[FileAdapter]
+    saved: dict[str, dict[str, Tensor]]
 
 
 def _error(where: str, problem: str, module: str | None = None) -> ValueError:
@@ -130,10 +163,10 @@ def _parse_entry(where: str, name: str, entry: object, tensors: dict[str, Tensor
         raise fail(f"the entry must be a JSON object with keys {list(ENTRY_KEYS)}, got {type(entry).__name__}")
     missing = [key for key in ENTRY_KEYS if key not in entry]
     if missing:
-        raise fail(f"missing key(s) {missing} in the metadata entry")
+        raise fail(f"missing key(s) {missing} in the config entry")
     unknown = sorted(set(entry) - set(ENTRY_KEYS))
     if unknown:
-        raise fail(f"unknown key(s) {unknown} in the metadata entry; expected {list(ENTRY_KEYS)}")
+        raise fail(f"unknown key(s) {unknown} in the config entry; expected {list(ENTRY_KEYS)}")
     variant = entry["variant"]
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise fail(f"unknown variant {variant!r}; allowed: {VARIANTS}")
@@ -172,12 +205,7 @@ def check_values(where: str, adapter: FileAdapter, dtype: torch.dtype) -> None:
     except ValueError as err:
         raise _error(where, str(err), adapter.name) from err
     for key, tensor in adapter.tensors.items():
-        bad = int((~torch.isfinite(tensor.to(dtype))).sum())
-        if bad:
-            cast = "" if tensor.dtype == dtype else f" once cast to {dtype}"
-            raise _error(
-                where, f"tensor '{adapter.name}.{key}' has {bad} non-finite value(s) (NaN or inf){cast}", adapter.name
-            )
+        _check_finite(where, adapter.name, f"{adapter.name}.{key}", tensor, dtype)
     # ‖A ⊗ B‖∞ = ‖A‖∞ ‖B‖∞ (largest absolute row sum), so this bounds s (A ⊗ B) x for every x in [-1, 1]^d_in.
     a_norm, b_norm = (float(adapter.tensors[key].double().abs().sum(dim=1).max()) for key in ("kron_a", "kron_b"))
     if abs(adapter.scale) * a_norm * b_norm > torch.finfo(dtype).max:
@@ -189,64 +217,156 @@ def check_values(where: str, adapter: FileAdapter, dtype: torch.dtype) -> None:
         )
 
 
-def parse_file(where: str, metadata: dict[str, str], tensors: dict[str, Tensor]) -> list[FileAdapter]:
-    """Check a file's metadata and tensors against the format (not yet against a model)."""
-    if METADATA_KEY not in metadata:
-        raise _error(where, f"no {METADATA_KEY!r} metadata (not written by kronfac.nn.save_adapters)")
-    if VERSION_KEY not in metadata:
-        raise _error(where, f"no {VERSION_KEY!r} metadata (this kronfac reads format {FORMAT_VERSION!r})")
-    if metadata[VERSION_KEY] != FORMAT_VERSION:
-        raise _error(where, f"{VERSION_KEY} is {metadata[VERSION_KEY]!r}; this kronfac reads {FORMAT_VERSION!r}")
-    try:
-        config = json.loads(metadata[METADATA_KEY], object_pairs_hook=_unique_keys)
-    except ValueError as err:
-        raise _error(where, f"metadata {METADATA_KEY!r} is not valid JSON: {err}") from err
+def _check_finite(where: str, module: str, key: str, tensor: Tensor, dtype: torch.dtype) -> None:
+    bad = int((~torch.isfinite(tensor.to(dtype))).sum())
+    if bad:
+        cast = "" if tensor.dtype == dtype else f" once cast to {dtype}"
+        raise _error(where, f"tensor {key!r} has {bad} non-finite value(s) (NaN or inf){cast}", module)
+
+
+def _parse_saved(where: str, names: object, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise _error(where, f"modules_to_save must be a list of module names, got {names!r}")
+    if len(set(names)) != len(names):
+        raise _error(where, f"modules_to_save lists a module twice: {names}")
+    saved: dict[str, dict[str, Tensor]] = {}
+    for name in names:
+        if not name:
+            raise _error(where, "an empty name in modules_to_save would replace the model itself", name)
+        saved[name] = {k[len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(name + ".")}
+        if not saved[name]:
+            raise _error(where, "modules_to_save lists it, but the file has no tensor of it", name)
+    return saved
+
+
+def parse_file(where: str, config: object, tensors: dict[str, Tensor]) -> AdapterFile:
+    """Check a directory's config and tensors against the format (not yet against a model)."""
     if not isinstance(config, dict):
-        kind = type(config).__name__
-        raise _error(where, f"metadata {METADATA_KEY!r} must be a JSON object {{module: adapter}}, got {kind}")
-    if not config:
-        raise _error(where, f"metadata {METADATA_KEY!r} lists no adapters")
-    adapters = [_parse_entry(where, name, entry, tensors) for name, entry in config.items()]
+        raise _error(where, f"the config must be a JSON object, got {type(config).__name__}")
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise _error(where, f"missing key(s) {missing} in {CONFIG_FILE}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise _error(where, f"format_version is {config['format_version']!r}; this kronfac reads {FORMAT_VERSION!r}")
+    name = config["adapter_name"]
+    if not isinstance(name, str) or not name or "." in name:
+        raise _error(where, f"adapter_name must be a non-empty string without '.', got {name!r}")
+    base = config["base_model"]
+    if not (isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("class", "fingerprint"))):
+        raise _error(where, f"base_model must be an object with strings 'class' and 'fingerprint', got {base!r}")
+    entries = config["adapters"]
+    if not isinstance(entries, dict):
+        raise _error(where, f"'adapters' must be a JSON object {{module: adapter}}, got {type(entries).__name__}")
+    if not entries:
+        raise _error(where, "'adapters' lists no adapters")
+    adapters = [_parse_entry(where, module, entry, tensors) for module, entry in entries.items()]
+    saved = _parse_saved(where, config["modules_to_save"], tensors)
+    overlap = sorted(set(entries) & set(saved))
+    if overlap:
+        raise _error(where, "is both adapted and in modules_to_save", overlap[0])
     known = {f"{a.name}.{key}" for a in adapters for key in a.tensors}
-    unknown = sorted(set(tensors) - known)
-    for key in unknown:
+    known |= {f"{m}.{key}" for m, own in saved.items() for key in own}
+    for key in sorted(set(tensors) - known):
         module = key.rpartition(".")[0]
-        if module in config:
-            extra = [k for k in unknown if k.rpartition(".")[0] == module]
+        if module in entries:
+            extra = [k for k in tensors if k not in known and k.rpartition(".")[0] == module]
             own = sorted(k for k in known if k.rpartition(".")[0] == module)
             raise _error(where, f"unexpected tensor(s) {extra}; its adapter has only {own}", module)
-        raise _error(where, f"tensor {key!r} belongs to no adapter listed in the metadata ({sorted(config)})")
-    return adapters
+        raise _error(where, f"tensor {key!r} belongs to no adapter or saved module of the config ({sorted(entries)})")
+    return AdapterFile(
+        adapter_name=name, base_class=base["class"], fingerprint=base["fingerprint"], adapters=adapters, saved=saved
+    )
 
 
-def _read(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+def _read(directory: Path) -> tuple[str, object, dict[str, Tensor]]:
     from safetensors import SafetensorError, safe_open
 
-    where = f"Invalid adapter file {path!r}"
-    if os.path.isdir(path):
-        raise _error(where, "is a directory; pass the .safetensors file written by save_adapters")
-    if not os.path.exists(path):
-        raise _error(where, "no such file")
+    where = f"Invalid adapter directory {os.fspath(directory)!r}"
+    if not directory.is_dir():
+        problem = "no such directory" if not directory.exists() else "is a file, not a directory"
+        raise _error(where, f"{problem}; pass the directory written by save_adapters")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        inner = sorted(p.name for p in directory.iterdir() if (p / CONFIG_FILE).is_file())
+        hint = f" (adapters in subdirectories: {inner}; pass one of them)" if inner else ""
+        raise _error(where, f"no {CONFIG_FILE}{hint}")
+    if not weights_path.is_file():
+        raise _error(where, f"no {WEIGHTS_FILE}")
     try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()}
+        config = json.loads(config_path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _error(where, f"{CONFIG_FILE} is not valid JSON: {err}") from err
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise _error(where, f"not a readable safetensors file ({err})") from err
+        raise _error(where, f"{WEIGHTS_FILE} is not a readable safetensors file ({err})") from err
+    return where, config, tensors
 
 
-def _check_fresh(where: str, model: nn.Module, adapters: list[FileAdapter]) -> list[nn.Module]:
-    """The modules to wrap, one per adapter, once each fits the file."""
-    names = [a.name for a in adapters]
-    modules = []
-    for a in adapters:
-        outer = [other for other in names if a.name.startswith(other + ".")]
+def _class_name(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_base(where: str, model: nn.Module, file: AdapterFile) -> None:
+    if file.base_class != _class_name(model):
+        raise _error(
+            where,
+            f"was trained on a {file.base_class}, the model is a {_class_name(model)} (check_base=False skips this)",
+        )
+    if file.fingerprint != base_fingerprint(model):
+        raise _error(
+            where,
+            "the base model's parameter names and shapes differ from those it was trained on (fingerprint "
+            f"{file.fingerprint}, model {base_fingerprint(model)}; check_base=False skips this)",
+        )
+
+
+def _check_fit(where: str, model: nn.Module, file: AdapterFile, name: str) -> dict[str, nn.Module]:
+    """The base modules by name, once every adapter and saved module of the file fits the model."""
+    walked = {n: (m, owner) for n, m, owner in base_named_modules(model)}
+    hosts, saved = adapter_hosts(model), saved_modules(model)
+    existing = {n for n, h in hosts.items() if name in h.adapters}
+    in_file = [a.name for a in file.adapters]
+    if existing or any(name in s.copies for s in saved.values()):
+        merged = sorted(n for n in existing if name in hosts[n].merged_adapters)
+        if merged:
+            raise ValueError(f"Cannot load adapter {name!r} while it is merged in {merged}: call unmerge_adapters")
+        for module in [*sorted(set(in_file) - existing), *sorted(existing - set(in_file))]:
+            side = "the model has an adapter there, the file has not" if module in existing else "the model has none"
+            raise _error(where, f"does not match the model's adapter {name!r}: {side}", module)
+        for a in file.adapters:
+            adapter = hosts[a.name].adapters[name]
+            assert isinstance(adapter, KronAdapter)
+            if (a.variant, a.factors) != (adapter.variant, adapter.factor_shapes):
+                raise _error(
+                    where,
+                    f"does not match the model: file {a.variant} {a.factors}, model {adapter.variant} "
+                    f"{adapter.factor_shapes}",
+                    a.name,
+                )
+        have = {n for n, s in saved.items() if name in s.copies}
+        if have != set(file.saved):
+            raise _error(where, f"modules_to_save {sorted(file.saved)} differ from the model's {sorted(have)}")
+    every = [*in_file, *file.saved]
+    modules = {}
+    for module in every:
+        outer = [o for o in every if module.startswith(o + ".")]
         if outer:
-            raise _error(where, f"lies inside module {outer[0]!r}, which the file also adapts", a.name)
+            raise _error(where, f"lies inside module {outer[0]!r}, which the file also adapts or saves", module)
+        if module not in walked:
+            raise _error(where, "no such module in the model", module)
+        base, owner = walked[module]
+        if owner not in (None, module):
+            raise _error(where, f"lies inside {owner!r}, which has adapters or is saved; they do not nest", module)
+        inner = [o for o in [*hosts, *saved] if o.startswith(module + ".")]
+        if inner:
+            raise _error(where, f"contains {sorted(inner)}, which have adapters or are saved; they do not nest", module)
+        modules[module] = base
+    for a in file.adapters:
         try:
-            module = model.get_submodule(a.name)
-            features = adapter_features(a.name, module, a.variant)
-        except AttributeError as err:
-            raise _error(where, f"no such module in the model ({err})", a.name) from err
+            features = adapter_features(a.name, modules[a.name], a.variant)
         except ValueError as err:
             raise _error(where, str(err), a.name) from err
         if features != (a.in_features, a.out_features):
@@ -256,113 +376,193 @@ def _check_fresh(where: str, model: nn.Module, adapters: list[FileAdapter]) -> l
                 f"{features[0]} -> {features[1]}",
                 a.name,
             )
-        check_values(where, a, adapter_dtype(module))
-        modules.append(module)
+        host = hosts.get(a.name)
+        if host is not None and host.variant_kind != ("krona" if a.variant == "krona" else "block"):
+            raise _error(where, f"has {host.variant_kind} adapters; a {a.variant!r} adapter cannot join them", a.name)
+        if a.name in saved:
+            raise _error(where, "is in the model's modules_to_save, so it cannot also have adapters", a.name)
+        ref = next(modules[a.name].parameters(), None)
+        check_values(where, a, ref.dtype if ref is not None else torch.get_default_dtype())
+    for module, tensors in file.saved.items():
+        if module in hosts:
+            raise _error(where, "has adapters in the model, so it cannot be in modules_to_save", module)
+        _check_saved(where, module, modules[module], tensors)
     return modules
 
 
-def _check_existing(where: str, existing: dict[str, AdapterWrapper], adapters: list[FileAdapter]) -> None:
-    merged = [name for name, w in existing.items() if w.merged]
-    if merged:
-        raise ValueError(f"Cannot load adapters while {merged} are merged: call unmerge_adapters(model) first")
-    in_file = {a.name for a in adapters}
-    for a in adapters:
-        if a.name not in existing:
-            raise _error(where, f"does not match the model, which has no adapter there ({sorted(existing)})", a.name)
-    for name in existing:
-        if name not in in_file:
-            raise _error(where, "does not match the model: the model has an adapter there, the file has not", name)
-    for a in adapters:
-        w = existing[a.name]
-        if (a.variant, a.factors) != (w.variant, w.adapter.factor_shapes):
+def _check_saved(where: str, name: str, module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    expected = module.state_dict()
+    for key in sorted(set(expected) ^ set(tensors)):
+        side = "missing" if key in expected else "unexpected"
+        raise _error(where, f"{side} tensor '{name}.{key}' (the module's state_dict has {sorted(expected)})", name)
+    for key, tensor in tensors.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
             raise _error(
-                where,
-                f"does not match the model: file {a.variant} {a.factors}, model {w.variant} {w.adapter.factor_shapes}",
-                a.name,
+                where, f"tensor '{name}.{key}' has shape {tuple(tensor.shape)}, expected {tuple(want.shape)}", name
             )
-        check_values(where, a, w.adapter.kron_a.dtype)
+        if want.is_floating_point() != tensor.is_floating_point() or (
+            not want.is_floating_point() and tensor.dtype != want.dtype
+        ):
+            raise _error(where, f"tensor '{name}.{key}' has dtype {tensor.dtype}, expected {want.dtype}", name)
+        if want.is_floating_point():
+            _check_finite(where, name, f"{name}.{key}", tensor, want.dtype)
 
 
-def _file_contents(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _contents(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     tensors: dict[str, Tensor] = {}
-    config: dict[str, dict[str, Any]] = {}
-    for name, w in adapter_modules(model).items():
-        for key, value in w.adapter.state_dict().items():
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
-        config[name] = {
-            "variant": w.variant,
-            "factors": [list(s) for s in w.adapter.factor_shapes],
-            "scale": w.adapter.scale,
-            "in_features": w.adapter.in_features,
-            "out_features": w.adapter.out_features,
+    entries: dict[str, dict[str, Any]] = {}
+    for module, host in adapter_hosts(model).items():
+        if name not in host.adapters:
+            continue
+        adapter = host.adapters[name]
+        assert isinstance(adapter, KronAdapter)
+        tensors[f"{module}.kron_a"] = adapter.kron_a.weight
+        tensors[f"{module}.kron_b"] = adapter.kron_b.weight
+        if adapter.res_scale is not None:
+            tensors[f"{module}.res_scale"] = adapter.res_scale
+        entries[module] = {
+            "variant": adapter.variant,
+            "factors": [list(s) for s in adapter.factor_shapes],
+            "scale": adapter.scale,
+            "in_features": adapter.in_features,
+            "out_features": adapter.out_features,
         }
-    return tensors, {METADATA_KEY: json.dumps(config), VERSION_KEY: FORMAT_VERSION}
+    saved = [m for m, s in saved_modules(model).items() if name in s.copies]
+    for module in saved:
+        for key, value in saved_modules(model)[module].copies[name].state_dict().items():
+            tensors[f"{module}.{key}"] = value
+    config = {
+        "format_version": FORMAT_VERSION,
+        "adapter_name": name,
+        "base_model": {"class": _class_name(model), "fingerprint": base_fingerprint(model)},
+        "adapters": entries,
+        "modules_to_save": saved,
+    }
+    return config, {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write the adapter weights (nothing of the base model) and their configuration to a safetensors file.
+def _replace(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename it over ``path`` (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapters(
+    model: nn.Module, directory: str | os.PathLike[str], *, adapter_names: Iterable[str] | None = None
+) -> None:
+    """Write adapters (nothing of the base model but the ``modules_to_save`` copies) and their configs.
 
     Args:
         model: A model with (unmerged) adapters.
-        path: The file to write.
+        directory: Where to write: adapter ``"default"`` in it, any other in ``directory/<name>``.
+        adapter_names: Which adapters (default: all).
 
     Raises:
-        ValueError: If the model has no adapters, they are merged (unmerge first, so the file holds ``A``, ``B``
-            consistent with an unmodified base), or the file would be refused by :func:`load_adapters` (for
-            example non-finite adapter values after a diverged run); nothing is written then.
+        ValueError: If the model has no adapters, one is merged (unmerge first, so the file holds ``A``, ``B``
+            consistent with an unmodified base), a name is unknown, or a file would be refused by
+            :func:`load_adapters` (for example non-finite values after a diverged run); nothing is written then.
     """
     from safetensors.torch import save_file
 
-    where = f"Cannot save adapters to {os.fspath(path)!r}"
-    wrappers = adapter_modules(model)
-    if not wrappers:
+    where = f"Cannot save adapters to {os.fspath(directory)!r}"
+    known = names_of(model)
+    if not adapter_hosts(model):
         raise ValueError(f"{where}: the model has no Kronecker adapters (call add_kron_adapters first)")
-    if any(w.merged for w in wrappers.values()):
+    names = known if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown adapter name(s) {unknown}; the model has {known}")
+    if any(h.merged for h in adapter_hosts(model).values()):
         raise ValueError(f"{where}: cannot save adapters while merged: call unmerge_adapters(model) first")
-    tensors, metadata = _file_contents(model)
-    parse_file(where, metadata, tensors)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    contents = {name: _contents(model, name) for name in names}
+    for name, (config, tensors) in contents.items():
+        parse_file(f"{where}: adapter {name!r}", config, tensors)
+    for name, (config, tensors) in contents.items():
+        target = Path(directory) if name == "default" else Path(directory) / name
+        target.mkdir(parents=True, exist_ok=True)
+        _replace(target / WEIGHTS_FILE, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+        _replace(target / CONFIG_FILE, lambda p, c=config: p.write_text(json.dumps(c, indent=2) + "\n"))
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike[str]) -> AdapterReport:
-    """Load adapters saved by :func:`save_adapters` into ``model``, all or nothing.
+def load_adapters(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    check_base: bool = True,
+) -> AdapterReport:
+    """Load an adapter saved by :func:`save_adapters` into ``model``, all or nothing.
 
-    If ``model`` has no adapters yet (a fresh copy of the base model), they are created from the file's metadata
-    and the base is frozen; otherwise the existing adapters must match the file exactly (same modules, variants
-    and shapes) and must not be merged. The whole file is checked (see the module docstring) before the model is
-    changed.
+    On a fresh copy of the base model the adapter is created from the config, the base frozen and the adapter
+    active. If the model already has an adapter of this name, it must match the file exactly (same modules,
+    variants, shapes, saved modules) and be unmerged; its values are overwritten. Another name is added beside
+    the model's adapters, inactive until :func:`~kronfac.nn.set_adapter` (PEFT's ``load_adapter``).
 
     Args:
-        model: The base model, or the model with the adapters to overwrite.
-        path: A file written by :func:`save_adapters`.
+        model: The base model, possibly with adapters.
+        directory: A directory written by :func:`save_adapters` (one adapter's).
+        adapter_name: The name to load it as (default: the name it was saved with).
+        check_base: Refuse a model whose class or parameter shapes differ from the base the adapter was
+            trained on.
 
     Returns:
         The :class:`AdapterReport` after loading.
 
     Raises:
-        ValueError: If the path is not a readable file, the file is not a valid kronfac adapter file, or it does
-            not match the model; the message names the file, the module and the problem, and the model is
-            unchanged.
+        ValueError: If the directory or its files are unreadable or invalid, or do not match the model; the
+            message names the directory, the module and the problem, and the model is unchanged.
     """
-    where = f"Invalid adapter file {os.fspath(path)!r}"
-    adapters = parse_file(where, *_read(os.fspath(path)))
-    existing = adapter_modules(model)
-    if existing:
-        _check_existing(where, existing, adapters)
-        wrappers = [existing[a.name] for a in adapters]
-    else:
-        modules = _check_fresh(where, model, adapters)
-        wrappers = [make_wrapper(a.name, m, a.variant, a.factors, a.scale) for a, m in zip(adapters, modules)]
+    where, config, tensors = _read(Path(directory))
+    file = parse_file(where, config, tensors)
+    name = adapter_name if adapter_name is not None else file.adapter_name
+    if not name or "." in name:
+        raise ValueError(f"Invalid adapter_name: {name!r}; must be a non-empty string without '.'")
+    if check_base:
+        _check_base(where, model, file)
+    modules = _check_fit(where, model, file, name)
+    hosts, saved = adapter_hosts(model), saved_modules(model)
+    fresh = not hosts and not saved
+    created: list[tuple[str, AdapterHost | None, KronAdapter]] = []
+    for a in file.adapters:
+        host = hosts.get(a.name)
+        adapter = host.adapters[name] if host is not None and name in host.adapters else None
+        if adapter is None:
+            adapter = make_adapter(a.name, modules[a.name], a.variant, a.factors, a.scale)
+        assert isinstance(adapter, KronAdapter)
+        created.append((a.name, host, adapter))
+    copies = {}
+    for module in file.saved:
+        wrapper = saved.get(module)
+        kept = wrapper.copies[name] if wrapper is not None and name in wrapper.copies else None
+        copies[module] = kept if kept is not None else copy.deepcopy(modules[module])
+    # Everything is checked: from here on nothing raises.
     with torch.no_grad():
-        for a, w in zip(adapters, wrappers):
-            w.adapter.load_state_dict(a.tensors, strict=True)
-    if not existing:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for a, w in zip(adapters, wrappers):
-            set_module(model, a.name, w)
-    for a, w in zip(adapters, wrappers):
-        w.adapter.scale = a.scale
-        for p in w.adapter.parameters():
-            p.requires_grad_(True)
+        for a, (_, _, adapter) in zip(file.adapters, created):
+            adapter.kron_a.weight.copy_(a.tensors["kron_a"])
+            adapter.kron_b.weight.copy_(a.tensors["kron_b"])
+            if adapter.res_scale is not None:
+                adapter.res_scale.copy_(a.tensors["res_scale"])
+            adapter.scale = a.scale
+        for module, own in file.saved.items():
+            copies[module].load_state_dict(own, strict=True)
+    active = [name] if fresh else sorted({n for h in hosts.values() for n in h.active_adapters})
+    if fresh:
+        model.requires_grad_(False)
+    disabled = any(h.disabled for h in hosts.values())
+    for (module, host, adapter), a in zip(created, file.adapters):
+        if host is None:
+            host = new_host(modules[module], a.variant)
+            host.disabled = disabled
+            set_module(model, module, host)
+        host.adapters[name] = adapter
+    for module, module_copy in copies.items():
+        wrapper = saved.get(module)
+        if wrapper is None:
+            wrapper = new_saved(modules[module])
+            wrapper.disabled = disabled
+            set_module(model, module, wrapper)
+        wrapper.copies[name] = module_copy
+    apply_active(model, active or [name])
     return adapter_report(model)

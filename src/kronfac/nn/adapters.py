@@ -1,19 +1,23 @@
-"""KronA: Kronecker-product adapters for parameter-efficient fine-tuning.
+"""KronA: Kronecker-product adapters for parameter-efficient fine-tuning, the modules.
 
-An adapter adds ``ΔW x = s (A ⊗ B) x`` (``A`` ``(m1, n1)``, ``B`` ``(m2, n2)``, ``m1 m2 = d_out``, ``n1 n2
-= d_in``)
-computed by :func:`~kronfac.nn.kron.kron_matvec`; ``A`` starts at zero so the model is unchanged at
-initialisation. Unlike a rank-``r`` LoRA update, ``rank(A ⊗ B) = rank(A) rank(B)`` can be full at the same
-parameter count. Variants (Edalati et al. 2022):
+An adapter adds ``ΔW x = s (A ⊗ B) x`` (``A`` ``(m1, n1)``, ``B`` ``(m2, n2)``, ``m1 m2 = d_out``,
+``n1 n2 = d_in``); ``A`` starts at zero so the model is unchanged at initialisation. Unlike a rank-``r`` LoRA
+update, ``rank(A ⊗ B) = rank(A) rank(B)`` can be full at the same parameter count. Variants (Edalati et al.
+2022):
 
-- ``"krona"``: parallel to one ``nn.Linear``: ``y = W x + b + s (A ⊗ B) x``. Mergeable into ``W`` after
-training.
+- ``"krona"``: parallel to one linear layer (``nn.Linear`` or transformers' ``Conv1D``):
+  ``y = W x + b + s (A ⊗ B) x``. Mergeable into ``W`` after training.
 - ``"krona_block"`` (KronA^B): parallel to a whole block ``f`` (e.g. a transformer FFN):
   ``y = f(x) + s (A ⊗ B) x``. Not mergeable (``f`` is nonlinear).
-- ``"krona_block_res"`` (KronA^B_res): KronA^B plus a learnable scaled residual, ``y = f(x) + s (A ⊗ B) x +
-r x``
-  with the scalar ``r`` starting at 0 (our choice, so that outputs are unchanged at init); needs ``d_in =
-  d_out``.
+- ``"krona_block_res"`` (KronA^B_res): KronA^B plus a learnable scaled residual, ``y = f(x) + s (A ⊗ B) x + r x``
+  with the scalar ``r`` starting at 0 (our choice, so that outputs are unchanged at init); needs ``d_in = d_out``.
+
+Each factor is a :class:`KronFactor` module (a bias-free linear map), so that kronfac's optimizers can
+precondition it like any linear layer (:mod:`kronfac.layers.krona` derives its Kronecker factors). A module
+with adapters is a host (:class:`KronALinear`, :class:`KronABlock`) that keeps named adapters, PEFT-style: one
+or more active, the others frozen and unused; :class:`ModulesToSave` keeps a trained copy of a module (a new
+head) per adapter. Injection is :mod:`kronfac.nn.adapter_inject`, the model-level operations
+:mod:`kronfac.nn.adapter_ops`, files :mod:`kronfac.nn.adapter_files`.
 
 Reference:
     A. Edalati et al., "KronA: Parameter efficient tuning with Kronecker adapter", arXiv:2212.10650 (2022).
@@ -21,40 +25,41 @@ Reference:
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kronfac.nn.factorize import KronShape, check_shape, kron_shape_options
+from kronfac.nn.factorize import KronShape, check_shape
 from kronfac.nn.kron import kron_matvec
 
 __all__ = [
+    "VARIANTS",
+    "AdapterEntry",
+    "AdapterHost",
     "AdapterReport",
-    "FactorSpec",
     "KronABlock",
     "KronALinear",
     "KronAdapter",
+    "KronFactor",
+    "ModulesToSave",
     "Variant",
-    "adapter_features",
+    "adapter_hosts",
     "adapter_modules",
     "adapter_report",
-    "add_kron_adapters",
     "check_scale",
-    "make_wrapper",
-    "set_module",
-    "wrap_module",
+    "linear_layout",
+    "saved_modules",
 ]
 
 Variant = Literal["krona", "krona_block", "krona_block_res"]
 VARIANTS: tuple[str, ...] = ("krona", "krona_block", "krona_block_res")
-#: ``None`` (most compact near-square split), ``k`` (``A`` is ``k x k``),
-#: or explicit ``((m1, n1), (m2, n2))``.
-FactorSpec = int | KronShape | None
+#: transformers' GPT-2 projection (``y = x W + b``, ``W`` stored ``(d_in, d_out)``), matched by qualified name so
+#: that kronfac never imports transformers.
+CONV1D = "transformers.pytorch_utils.Conv1D"
 
 
 def check_scale(scale: object, dtype: torch.dtype | None = None) -> float:
@@ -79,8 +84,56 @@ def check_scale(scale: object, dtype: torch.dtype | None = None) -> float:
     return value
 
 
+def linear_layout(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(d_in, d_out, transposed)`` of an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored
+    ``(d_in, d_out)``: ``transposed``); ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if any(f"{c.__module__}.{c.__qualname__}" == CONV1D for c in type(module).__mro__):
+        weight = module.weight
+        assert isinstance(weight, Tensor)
+        d_in, d_out = weight.shape
+        return int(d_in), int(d_out), True
+    return None
+
+
+class KronFactor(nn.Module):
+    """One factor of a KronA adapter: the bias-free linear map ``u ↦ F u`` on the last axis (``F`` is
+    ``weight``, ``(out_features, in_features)``). Its Kronecker factors: :mod:`kronfac.layers.krona`."""
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}"
+
+
+def _watched(module: nn.Module) -> bool:
+    """Whether a hook looks at ``module``'s forward (the curvature capture does, on curvature steps only)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class KronAdapter(nn.Module):
-    """The trainable part ``x ↦ s (A ⊗ B) x (+ r x)``.
+    """The trainable part ``x ↦ s (A ⊗ B) x (+ r x)``, with ``A`` = ``kron_a.weight``, ``B`` = ``kron_b.weight``.
+
+    The forward computes ``Y = s A X Bᵀ`` (``X`` = ``x`` reshaped ``(n1, n2)``, ``y = vec(Y)``) by
+    :func:`~kronfac.nn.kron.kron_matvec` in its cheaper order. While a hook watches a factor (the curvature
+    capture), it computes ``Y`` so that each factor's module is applied last: ``A`` to the columns of ``X Bᵀ``
+    and ``B`` to the rows of ``A X``, both outputs being ``Y`` itself. The value is that of ``A (X Bᵀ)``; the
+    second path adds ``Y_B - stopgrad(Y_B) = 0`` and carries only the gradient of ``B``, so every gradient is
+    exact and each factor's hooks see its own input rows and the output gradient ``∂L/∂Y``.
 
     Args:
         in_features: ``d_in``.
@@ -88,7 +141,8 @@ class KronAdapter(nn.Module):
         factors: ``((m1, n1), (m2, n2))``.
         scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``): finite, non-zero, and held by ``dtype``
             (with ``s = 0`` the adapter could never train; a negative ``s`` is the same as negating ``A``).
-        residual: Add the learnable scalar residual ``r x`` (KronA^B_res); needs ``d_in = d_out``.
+        variant: One of :data:`VARIANTS`; ``"krona_block_res"`` adds the learnable scalar ``r x`` and needs
+            ``d_in = d_out``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
 
@@ -103,97 +157,199 @@ class KronAdapter(nn.Module):
         *,
         factors: KronShape,
         scale: float = 1.0,
-        residual: bool = False,
+        variant: str = "krona",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
         (m1, n1), (m2, n2) = check_shape(out_features, in_features, factors)
-        if residual and in_features != out_features:
+        if variant == "krona_block_res" and in_features != out_features:
             raise ValueError(
                 "Invalid variant: the residual of krona_block_res needs in == out features, "
                 f"got {in_features} -> {out_features}; use variant='krona_block'"
             )
+        self.variant = variant
         self.in_features = in_features
         self.out_features = out_features
         self.factor_shapes: KronShape = ((m1, n1), (m2, n2))
         self.scale = check_scale(scale, dtype or torch.get_default_dtype())
-        self.kron_a = nn.Parameter(torch.zeros(m1, n1, device=device, dtype=dtype))
-        self.kron_b = nn.Parameter(torch.empty(m2, n2, device=device, dtype=dtype))
+        self.kron_a = KronFactor(m1, n1, device=device, dtype=dtype)  # zero: ΔW = 0 at initialisation
+        self.kron_b = KronFactor(m2, n2, device=device, dtype=dtype)
         bound = 1.0 / math.sqrt(n2)  # LoRA-style Kaiming-uniform bound for the non-zero factor
-        nn.init.uniform_(self.kron_b, -bound, bound)
+        nn.init.uniform_(self.kron_b.weight, -bound, bound)
         self.res_scale: nn.Parameter | None = (
-            nn.Parameter(torch.zeros((), device=device, dtype=dtype)) if residual else None
+            nn.Parameter(torch.zeros((), device=device, dtype=dtype)) if variant == "krona_block_res" else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.scale * kron_matvec(self.kron_a, self.kron_b, x)
+        if _watched(self.kron_a) or _watched(self.kron_b):
+            y = self._per_factor(x)
+        else:
+            y = kron_matvec(self.kron_a.weight, self.kron_b.weight, x)
+        y = self.scale * y
         return y if self.res_scale is None else y + self.res_scale * x
+
+    def _per_factor(self, x: Tensor) -> Tensor:
+        """``A X Bᵀ`` with each factor's module applied last (see the class docstring); the factors see
+        ``(N, L, P, d)``: batch, sequence positions (1 without), the other factor's side, features."""
+        (m1, n1), (m2, n2) = self.factor_shapes
+        a, b = self.kron_a.weight, self.kron_b.weight
+        rows = x.reshape(x.shape[0] if x.ndim > 1 else 1, -1, n1, n2)
+        xb = rows @ b.detach().T  # X Bᵀ, (N, L, n1, m2): its gradient reaches x, not B
+        y = self.kron_a(xb.transpose(-1, -2)).transpose(-1, -2)  # A (X Bᵀ), (N, L, m1, m2)
+        y_b = self.kron_b(a.detach() @ rows.detach())  # (A X) Bᵀ: the same value, the gradient of B only
+        y = y + (y_b - y_b.detach())
+        return y.reshape(*x.shape[:-1], m1 * m2)
 
     def delta_weight(self) -> Tensor:
         """``s (A ⊗ B)`` as a dense ``(d_out, d_in)`` matrix."""
-        return self.scale * torch.kron(self.kron_a, self.kron_b)
+        return self.scale * torch.kron(self.kron_a.weight, self.kron_b.weight)
 
 
-class KronALinear(nn.Module):
-    """``nn.Linear`` plus a parallel KronA adapter; :meth:`merge` folds ``ΔW`` into the base weight."""
+class AdapterHost(nn.Module):
+    """A module with named adapters beside it: ``base``, ``adapters`` (name -> :class:`KronAdapter`), which of
+    them are active, whether all are disabled, and which are merged into ``base``'s weight."""
 
-    variant: str = "krona"
+    variant_kind: str = ""
 
-    def __init__(self, base: nn.Linear, adapter: KronAdapter) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.adapter = adapter
-        self.merged = False
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter(self) -> KronAdapter:
+        """The one active adapter (``ValueError`` if none or several are active)."""
+        if len(self.active_adapters) != 1:
+            raise ValueError(f"{len(self.active_adapters)} adapters are active ({self.active_adapters}); pick one")
+        adapter = self.adapters[self.active_adapters[0]]
+        assert isinstance(adapter, KronAdapter)
+        return adapter
+
+    def delta(self, x: Tensor) -> Tensor | None:
+        """The sum of the active, unmerged adapters' outputs (``None``: nothing to add)."""
+        if self.disabled:
+            return None
+        out = None
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                y = self.adapters[name](x)
+                out = y if out is None else out + y
+        return out
+
+
+class KronALinear(AdapterHost):
+    """A linear layer (``nn.Linear`` or transformers' ``Conv1D``) plus parallel KronA adapters; :meth:`merge`
+    folds an adapter's ``ΔW`` into the base weight."""
+
+    variant_kind = "krona"
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        return y if self.merged else y + self.adapter(x)
+        delta = self.delta(x)
+        return y if delta is None else y + delta
+
+    def _weight_delta(self, name: str) -> Tensor:
+        adapter = self.adapters[name]
+        assert isinstance(adapter, KronAdapter)
+        layout = linear_layout(self.base)
+        assert layout is not None
+        delta = adapter.delta_weight()
+        return (delta.T if layout[2] else delta).to(self._weight().dtype)
+
+    def _weight(self) -> Tensor:
+        weight = self.base.weight
+        assert isinstance(weight, Tensor)
+        return weight
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``ΔW`` into the base weight (``W <- W + ΔW``); forward then skips the adapter."""
-        if not self.merged:
-            self.base.weight.add_(self.adapter.delta_weight().to(self.base.weight.dtype))
-            self.merged = True
+    def merge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            self._weight().add_(self._weight_delta(name))
+            self.merged_adapters.append(name)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (``W <- W - ΔW``)."""
-        if self.merged:
-            self.base.weight.sub_(self.adapter.delta_weight().to(self.base.weight.dtype))
-            self.merged = False
+    def unmerge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self._weight().sub_(self._weight_delta(name))
+            self.merged_adapters.remove(name)
 
 
-class KronABlock(nn.Module):
-    """A whole block ``f`` plus a parallel adapter on the block's input (KronA^B / KronA^B_res)."""
+class KronABlock(AdapterHost):
+    """A whole block ``f`` plus parallel adapters on the block's input (KronA^B / KronA^B_res). A block that
+    returns a tuple (transformers' layers) gets the adapters added to its first element."""
 
-    merged = False
+    variant_kind = "block"
 
-    def __init__(self, base: nn.Module, adapter: KronAdapter, variant: str) -> None:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(x, *args, **kwargs)
+        delta = self.delta(x)
+        if delta is None:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + delta, *out[1:])
+        return out + delta
+
+
+class ModulesToSave(nn.Module):
+    """A module trained beside the adapters (a new head), PEFT's ``modules_to_save``: the frozen ``original``
+    and one trainable copy per adapter in ``copies``; the forward uses the active adapter's copy (the original
+    while adapters are disabled or no active adapter has a copy)."""
+
+    def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        self.base = base
-        self.adapter = adapter
-        self.variant = variant
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.base(x, *args, **kwargs) + self.adapter(x)
+    def active_module(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active_adapters:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
 
 
-AdapterWrapper = KronALinear | KronABlock
+def adapter_hosts(model: nn.Module) -> dict[str, AdapterHost]:
+    """``{qualified name: host}`` for every module with adapters in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterHost)}
+
+
+#: The former name (a host used to hold one adapter).
+adapter_modules = adapter_hosts
+
+
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    """``{qualified name: wrapper}`` for every module kept by ``modules_to_save``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdapterEntry:
-    """One adapted module: its name, variant, factor shapes, scale and adapter parameter count."""
+    """One adapter of one module: names, variant, factor shapes, scale and parameter count."""
 
     name: str
+    adapter: str
     variant: str
     in_features: int
     out_features: int
     factor_shapes: KronShape
     scale: float
     params: int
+    active: bool
 
 
 @dataclass(kw_only=True)
@@ -201,6 +357,7 @@ class AdapterReport:
     """Trainable-parameter report; ``str(report)`` is a markdown table."""
 
     adapters: list[AdapterEntry] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
 
@@ -209,220 +366,40 @@ class AdapterReport:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        lines = ["| module | variant | A | B | adapter params |", "|---|---|---|---|---:|"]
+        lines = ["| module | adapter | variant | A | B | params | active |", "|---|---|---|---|---|---:|---|"]
         for a in self.adapters:
-            lines.append(f"| {a.name} | {a.variant} | {a.factor_shapes[0]} | {a.factor_shapes[1]} | {a.params} |")
+            shapes = f"{a.factor_shapes[0]} | {a.factor_shapes[1]}"
+            lines.append(f"| {a.name} | {a.adapter} | {a.variant} | {shapes} | {a.params} | {a.active} |")
+        if self.modules_to_save:
+            lines.append(f"\nmodules_to_save: {', '.join(self.modules_to_save)}")
         lines.append(
             f"\ntrainable: {self.trainable_params} / {self.total_params} ({100 * self.trainable_fraction:.3f}%)"
         )
         return "\n".join(lines)
 
 
-def adapter_modules(model: nn.Module) -> dict[str, AdapterWrapper]:
-    """``{qualified name: wrapper}`` for every adapter in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, KronALinear | KronABlock)}
-
-
 def adapter_report(model: nn.Module) -> AdapterReport:
-    """Recount adapters and trainable parameters of ``model`` (e.g. after unfreezing a head)."""
-    entries = [
-        AdapterEntry(
-            name=name,
-            variant=w.variant,
-            in_features=w.adapter.in_features,
-            out_features=w.adapter.out_features,
-            factor_shapes=w.adapter.factor_shapes,
-            scale=w.adapter.scale,
-            params=sum(p.numel() for p in w.adapter.parameters()),
-        )
-        for name, w in adapter_modules(model).items()
-    ]
+    """Recount adapters and trainable parameters of ``model`` (e.g. after :func:`set_adapter`)."""
+    entries = []
+    for name, host in adapter_hosts(model).items():
+        for key, adapter in host.adapters.items():
+            assert isinstance(adapter, KronAdapter)
+            entries.append(
+                AdapterEntry(
+                    name=name,
+                    adapter=key,
+                    variant=adapter.variant,
+                    in_features=adapter.in_features,
+                    out_features=adapter.out_features,
+                    factor_shapes=adapter.factor_shapes,
+                    scale=adapter.scale,
+                    params=sum(p.numel() for p in adapter.parameters()),
+                    active=key in host.active_adapters and not host.disabled,
+                )
+            )
     return AdapterReport(
         adapters=entries,
+        modules_to_save=list(saved_modules(model)),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
     )
-
-
-def _target_matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target) or fnmatch.fnmatchcase(name, target)
-
-
-def adapter_features(name: str, module: nn.Module, variant: str) -> tuple[int, int]:
-    """``(d_in, d_out)`` of an adapter of ``variant`` on ``model.<name>``, or ``ValueError`` if it cannot have one.
-
-    ``"krona"`` needs an ``nn.Linear``; block variants read the features from the module's first and last
-    ``nn.Linear``, and ``"krona_block_res"`` needs ``d_in = d_out``.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
-    if isinstance(module, KronALinear | KronABlock):
-        raise ValueError(f"{name!r} already has an adapter; call remove_adapters first")
-    if variant == "krona" and not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"Cannot add a 'krona' adapter to {name!r}: it is {type(module).__name__}, not nn.Linear; "
-            "target Linear layers, or use variant='krona_block' for whole blocks"
-        )
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(
-            f"Cannot add a block adapter to {name!r} ({type(module).__name__}): no nn.Linear inside to "
-            "infer the input and output features (first Linear's in_features, last Linear's out_features)"
-        )
-    d_in, d_out = linears[0].in_features, linears[-1].out_features
-    if variant == "krona_block_res" and d_in != d_out:
-        raise ValueError(
-            f"{name!r}: krona_block_res needs in == out features, got {d_in} -> {d_out}; use 'krona_block'"
-        )
-    return d_in, d_out
-
-
-def adapter_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype an adapter on ``module`` gets: that of its first parameter (torch's default without one)."""
-    ref = next(module.parameters(), None)
-    return ref.dtype if ref is not None else torch.get_default_dtype()
-
-
-def default_factors(out_features: int, in_features: int) -> KronShape:
-    """Most compact split (fewest ``m1 n1 + m2 n2``), ties to the highest reachable rank, then larger
-    ``A``."""
-    options = kron_shape_options(out_features, in_features)
-    if not options:
-        raise ValueError(f"A ({out_features} x {in_features}) weight has no non-trivial Kronecker split")
-    return min(options, key=lambda o: (o.params, -o.max_rank, -o.shape[0][0])).shape
-
-
-def resolve_adapter_factors(name: str, out_features: int, in_features: int, spec: FactorSpec) -> KronShape:
-    """Turn a :data:`FactorSpec` into shapes for one module, with errors naming the module."""
-    try:
-        if spec is None:
-            return default_factors(out_features, in_features)
-        if isinstance(spec, int):
-            if spec < 1 or out_features % spec or in_features % spec:
-                raise ValueError(
-                    f"Invalid factors: {spec}; A = ({spec}, {spec}) needs {spec} to divide both "
-                    f"out_features={out_features} and in_features={in_features}"
-                )
-            return (spec, spec), (out_features // spec, in_features // spec)
-        return check_shape(out_features, in_features, spec)
-    except ValueError as err:
-        raise ValueError(f"{name!r}: {err}") from err
-
-
-def _spec_for(name: str, factors: FactorSpec | Mapping[str, FactorSpec]) -> FactorSpec:
-    if isinstance(factors, Mapping):
-        for pattern, spec in factors.items():
-            if _target_matches(name, pattern):
-                return spec
-        return None
-    return factors
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at ``model.<name>`` (``name`` non-empty: the root cannot replace itself)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def make_wrapper(name: str, module: nn.Module, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
-    """A new adapter of the given variant and shapes around ``module`` (``model.<name>``), not yet in the model.
-
-    The adapter lives on the device and in the dtype of ``module``'s first parameter, in its train/eval mode.
-    """
-    d_in, d_out = adapter_features(name, module, variant)
-    ref = next(module.parameters(), None)
-    kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    try:
-        adapter = KronAdapter(d_in, d_out, factors=factors, scale=scale, residual=variant == "krona_block_res", **kw)
-    except ValueError as err:
-        raise ValueError(f"{name!r}: {err}") from err
-    wrapper: AdapterWrapper
-    if variant == "krona":
-        assert isinstance(module, nn.Linear)  # adapter_features refuses anything else
-        wrapper = KronALinear(module, adapter)
-    else:
-        wrapper = KronABlock(module, adapter, variant)
-    # The new modules follow the wrapped one's train/eval mode (train() would also reset the base's children).
-    wrapper.training = module.training
-    adapter.train(module.training)
-    return wrapper
-
-
-def wrap_module(model: nn.Module, name: str, variant: str, factors: KronShape, scale: float) -> AdapterWrapper:
-    """Wrap ``model.<name>`` in place with an adapter of the given variant and shapes (no freezing)."""
-    if not name:
-        raise ValueError("Invalid module name: empty; the model itself cannot be wrapped (it would contain itself)")
-    wrapper = make_wrapper(name, model.get_submodule(name), variant, factors, scale)
-    set_module(model, name, wrapper)
-    return wrapper
-
-
-def add_kron_adapters(
-    model: nn.Module,
-    *,
-    target_modules: Iterable[str],
-    factors: FactorSpec | Mapping[str, FactorSpec] = None,
-    variant: Variant = "krona",
-    scale: float = 1.0,
-    trainable: Iterable[str] = (),
-) -> AdapterReport:
-    """Freeze ``model`` and add KronA adapters to the target modules, in place.
-
-    Args:
-        model: The pretrained model.
-        target_modules: Module names; a target matches a module whose qualified name equals it, ends with
-            ``"." + target`` (PEFT's rule), or matches it as an ``fnmatch`` pattern. For ``"krona"`` every
-            match
-            must be an ``nn.Linear``; block variants take any module mapping ``(..., d_in) -> (..., d_out)``
-            (features read from its first and last ``nn.Linear``).
-        factors: Shapes of ``A`` and ``B``: ``None`` (most compact near-square split), ``k`` (``A`` is
-            ``k x k``, ``B`` the rest), ``((m1, n1), (m2, n2))``, or a mapping from target pattern to one
-            of these.
-        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"`` (see the module docstring).
-        scale: ``s`` multiplying ``A ⊗ B``; a finite non-zero number (as for :class:`KronAdapter`).
-        trainable: Extra module names/patterns (same matching) whose parameters stay trainable, e.g. a new
-            head.
-            They are not written by ``save_adapters``.
-
-    Returns:
-        The :class:`AdapterReport` (adapters, trainable and total parameters).
-
-    Raises:
-        ValueError: For an unknown variant, a target that matches nothing or has the wrong type, factors that
-            do not fit, an invalid scale, or a module that already has an adapter. The model is unchanged when
-            this is raised.
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"Invalid variant: {variant!r}; allowed: {VARIANTS}")
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    if not targets:
-        raise ValueError("Invalid target_modules: empty")
-    names = [n for n, _ in model.named_modules() if n and any(_target_matches(n, t) for t in targets)]
-    unmatched = [t for t in targets if not any(_target_matches(n, t) for n in names)]
-    if unmatched:
-        raise ValueError(f"Invalid target_modules: {unmatched} match no module of the model")
-    # Outermost matches only: a block that matches swallows the Linear layers inside it.
-    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
-    plan = []
-    for name in names:
-        module = model.get_submodule(name)
-        d_in, d_out = adapter_features(name, module, variant)
-        try:
-            check_scale(scale, adapter_dtype(module))
-        except ValueError as err:
-            raise ValueError(f"{name!r}: {err}") from err
-        plan.append((name, resolve_adapter_factors(name, d_out, d_in, _spec_for(name, factors))))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, shape in plan:
-        wrap_module(model, name, variant, shape, scale)
-    for wrapper in adapter_modules(model).values():
-        for p in wrapper.adapter.parameters():
-            p.requires_grad_(True)
-    extra = list(trainable)
-    for name, module in model.named_modules():
-        if extra and name and any(_target_matches(name, t) for t in extra):
-            for p in module.parameters():
-                p.requires_grad_(True)
-    return adapter_report(model)
