@@ -30,16 +30,19 @@ class Approximation(str, Enum):
 
 
 def reduce_input_rows(rows: Tensor, approx: Approximation) -> Tensor:
-    """``(N, R, d)`` -> sample rows: all ``N R`` positions (expand) or the mean over positions (reduce)."""
+    """``(N, R, d)`` -> sample rows: all ``N R`` positions (expand) or the mean over positions (reduce).
+
+    Positions may span several dimensions, ``(N, R, P, d)`` (a KronA factor: sequence entries and the other
+    factor's side); they are treated as ``R P`` positions."""
     if approx is Approximation.REDUCE:
-        return rows.mean(dim=1)
+        return rows.flatten(1, -2).mean(dim=1)
     return rows.reshape(-1, rows.shape[-1])
 
 
 def reduce_output_grad_rows(rows: Tensor, approx: Approximation) -> Tensor:
-    """``(N, R, d)`` -> sample rows: all positions (expand) or the sum over positions (reduce)."""
+    """``(N, R, d)`` (or ``(N, R, P, d)``) -> sample rows: all positions (expand) or their sum (reduce)."""
     if approx is Approximation.REDUCE:
-        return rows.sum(dim=1)
+        return rows.flatten(1, -2).sum(dim=1)
     return rows.reshape(-1, rows.shape[-1])
 
 

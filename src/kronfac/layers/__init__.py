@@ -1,4 +1,5 @@
-"""Layer helpers, one per module type: Linear, Conv2d, Embedding, Conv1D (transformers), MultiheadAttention."""
+"""Layer helpers, one per module type: Linear, Conv2d, Embedding, Conv1D (transformers), MultiheadAttention, the
+factors of KronA adapters."""
 
 from kronfac.layers.attention import MultiheadAttentionHelper
 from kronfac.layers.base import (
@@ -13,6 +14,7 @@ from kronfac.layers.base import (
 from kronfac.layers.conv1d import Conv1DHelper
 from kronfac.layers.conv2d import Conv2dHelper
 from kronfac.layers.embedding import EmbeddingHelper
+from kronfac.layers.krona import KronFactorHelper
 from kronfac.layers.linear import LinearHelper
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "Conv1DHelper",
     "Conv2dHelper",
     "EmbeddingHelper",
+    "KronFactorHelper",
     "LayerHelper",
     "LinearHelper",
     "MultiheadAttentionHelper",

@@ -4,6 +4,8 @@ Every helper speaks the same shapes. For a layer ``y = W x (+ b)`` with ``W`` of
 
 * ``input_rows(module, x)`` returns ``(N, R, d_i)``: batch, weight-sharing positions (sequence entries,
   conv locations; ``R = 1`` for a plain MLP) and the layer input, with a trailing 1 when there is a bias.
+  A layer with positions inside each sequence entry may return ``(N, R, P, d_i)`` (a KronA factor,
+  :mod:`kronfac.layers.krona`): ``loss_average`` counts samples over the first two dimensions only.
 * ``output_grad_rows(module, grad_out)`` returns ``(N, R, d_o)``, the gradient w.r.t. the layer output.
 * ``grad_matrix(module)`` returns ``∇W`` as ``d_o x d_i`` (bias gradient as the last column), and
   ``split(module, matrix)`` maps such a matrix back to one tensor per parameter (in ``params`` order).
