@@ -286,7 +286,7 @@ def add_kron_adapters(
             read from its first and last linear layer).
         factors: Shapes of ``A`` and ``B``: ``None`` (most compact near-square split), ``k`` (``A`` is
             ``k x k``, ``B`` the rest), ``((m1, n1), (m2, n2))``, or a mapping from name pattern to one of these.
-        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"`` (see :mod:`kronfac.nn.adapters`).
+        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"`` (see ``kronfac.nn.adapters``).
         scale: ``s`` multiplying ``A ⊗ B``; a finite non-zero number (as for :class:`~kronfac.nn.KronAdapter`).
         adapter_name: The adapter's name (several per model, PEFT-style).
         modules_to_save: Names (list rule of ``target_modules``) of modules trained beside the adapter, e.g. a

@@ -99,7 +99,7 @@ def linear_layout(module: nn.Module) -> tuple[int, int, bool] | None:
 
 class KronFactor(nn.Module):
     """One factor of a KronA adapter: the bias-free linear map ``u ↦ F u`` on the last axis (``F`` is
-    ``weight``, ``(out_features, in_features)``). Its Kronecker factors: :mod:`kronfac.layers.krona`."""
+    ``weight``, ``(out_features, in_features)``). Its Kronecker factors: ``kronfac.layers.krona``."""
 
     def __init__(
         self,
@@ -141,7 +141,7 @@ class KronAdapter(nn.Module):
         factors: ``((m1, n1), (m2, n2))``.
         scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``): finite, non-zero, and held by ``dtype``
             (with ``s = 0`` the adapter could never train; a negative ``s`` is the same as negating ``A``).
-        variant: One of :data:`VARIANTS`; ``"krona_block_res"`` adds the learnable scalar ``r x`` and needs
+        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"``; ``"krona_block_res"`` adds the learnable scalar ``r x`` and needs
             ``d_in = d_out``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
@@ -248,8 +248,8 @@ class AdapterHost(nn.Module):
 
 
 class KronALinear(AdapterHost):
-    """A linear layer (``nn.Linear`` or transformers' ``Conv1D``) plus parallel KronA adapters; :meth:`merge`
-    folds an adapter's ``ΔW`` into the base weight."""
+    """A linear layer (``nn.Linear`` or transformers' ``Conv1D``) plus parallel KronA adapters; ``merge``
+    folds an adapter's ``ΔW`` into the base weight (``merge``)."""
 
     variant_kind = "krona"
 
