@@ -76,3 +76,15 @@ def kron_block(a_factor: Tensor, g_factor: Tensor) -> Tensor:
     """``G ⊗ A`` (row-major vec), with a diagonal A given as a vector."""
     a = torch.diag(a_factor) if a_factor.ndim == 1 else a_factor
     return torch.kron(g_factor, a)
+
+
+def factors_after_one_step(model: nn.Module, layer: str, x: Tensor, loss_fn: Callable[[Tensor], Tensor], **kwargs):
+    """K-FAC's ``(A, G)`` of ``layer`` after one step on ``loss_fn(model(x))`` (float64 factors, no EMA history)."""
+    import kronfac
+
+    opt = kronfac.KFAC(model, lr=0.0, factor_dtype=torch.float64, kl_clip=None, **kwargs)
+    loss_fn(model(x)).backward()
+    opt.step()
+    opt.close()
+    block = opt.layers[layer].block
+    return block.a_factor, block.g_factor

@@ -6,19 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import kronfac
-from reference import empirical_fisher_block, ggn_block_mse, kron_block
+from reference import empirical_fisher_block, factors_after_one_step, ggn_block_mse, kron_block
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def factors_after_one_step(model: nn.Module, layer: str, x: torch.Tensor, loss_fn, **kwargs):
-    opt = kronfac.KFAC(model, lr=0.0, factor_dtype=torch.float64, kl_clip=None, **kwargs)
-    loss_fn(model(x)).backward()
-    opt.step()
-    opt.close()
-    block = opt.layers[layer].block
-    return block.a_factor, block.g_factor
 
 
 def cross_entropy(target: torch.Tensor):

@@ -10,9 +10,10 @@ from torch import nn
 
 import kronfac
 from kronfac.nn import adapter_hosts, add_kron_adapters
-from reference import empirical_fisher_block, ggn_block_mse, kron_block
+from reference import empirical_fisher_block, factors_after_one_step, ggn_block_mse, kron_block
 
-pytestmark = pytest.mark.usefixtures("float64")
+# The base layers are frozen: K-FAC says once that the adapters' res_scale (none here) or the head go first-order.
+pytestmark = [pytest.mark.usefixtures("float64"), pytest.mark.filterwarnings("ignore::kronfac.KronfacWarning")]
 
 A_NAME, B_NAME = "1.adapters.default.kron_a", "1.adapters.default.kron_b"
 
@@ -26,17 +27,6 @@ def adapted(factors, head: bool = False) -> nn.Module:
         for host in adapter_hosts(model).values():
             host.adapter.kron_a.weight.normal_()
     return model
-
-
-def factors_after_one_step(model, layer, x, loss_fn, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kronfac.KronfacWarning)
-        opt = kronfac.KFAC(model, lr=0.0, factor_dtype=torch.float64, kl_clip=None, **kwargs)
-    loss_fn(model(x)).backward()
-    opt.step()
-    opt.close()
-    block = opt.layers[layer].block
-    return block.a_factor, block.g_factor
 
 
 @pytest.mark.parametrize("shape", [(5, 6), (4, 3, 6)])

@@ -42,24 +42,23 @@ def _hosts_or_raise(model: nn.Module, action: str) -> dict[str, AdapterHost]:
     return hosts
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name in the model, in order of first appearance."""
+def _names(model: nn.Module, active: bool) -> list[str]:
     names: dict[str, None] = {}
     for host in adapter_hosts(model).values():
-        names.update(dict.fromkeys(host.adapters))
+        names.update(dict.fromkeys(host.active_adapters if active else host.adapters))
     for saved in saved_modules(model).values():
-        names.update(dict.fromkeys(saved.copies))
+        names.update(dict.fromkeys(saved.active_adapters if active else saved.copies))
     return list(names)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name in the model, in order of first appearance."""
+    return _names(model, active=False)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """The names of the active adapters (also while disabled: they are used again by :func:`enable_adapters`)."""
-    active: dict[str, None] = {}
-    for host in adapter_hosts(model).values():
-        active.update(dict.fromkeys(host.active_adapters))
-    for saved in saved_modules(model).values():
-        active.update(dict.fromkeys(saved.active_adapters))
-    return list(active)
+    return _names(model, active=True)
 
 
 def _merged(model: nn.Module) -> dict[str, list[str]]:

@@ -141,8 +141,8 @@ class KronAdapter(nn.Module):
         factors: ``((m1, n1), (m2, n2))``.
         scale: ``s``, a fixed multiplier (like LoRA's ``alpha / r``): finite, non-zero, and held by ``dtype``
             (with ``s = 0`` the adapter could never train; a negative ``s`` is the same as negating ``A``).
-        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"``; ``"krona_block_res"`` adds the learnable scalar ``r x`` and needs
-            ``d_in = d_out``.
+        variant: ``"krona"``, ``"krona_block"`` or ``"krona_block_res"``; the last adds the learnable scalar
+            ``r x`` and needs ``d_in = d_out``.
         device: Device of the parameters.
         dtype: Dtype of the parameters.
 
