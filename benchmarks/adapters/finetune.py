@@ -262,6 +262,10 @@ def run(task: str, method: str, lr: float, seed: int, steps: int) -> dict[str, A
     return result
 
 
+def setup(steps: int = STEPS) -> dict[str, Any]:
+    return {"steps": steps, "batch": BATCH, "seeds": list(SEEDS), "lrs": LRS, "threads": 1}
+
+
 def study(quick: bool, out: Path, tasks: list[str]) -> dict[str, Any]:
     steps = 20 if quick else STEPS
     records: dict[str, Any] = json.loads(out.read_text()) if out.exists() and not quick else {}
@@ -284,7 +288,7 @@ def study(quick: bool, out: Path, tasks: list[str]) -> dict[str, Any]:
                     runs[key] = run(task, method, best, seed, steps)
                     out.write_text(json.dumps(records, indent=1))
                     print(key, {k: round(v, 4) for k, v in runs[key].items()}, flush=True)
-    records["setup"] = {"steps": steps, "batch": BATCH, "seeds": list(SEEDS), "lrs": LRS, "threads": 1}
+    records["setup"] = setup(steps)
     out.write_text(json.dumps(records, indent=1))
     return records
 
@@ -349,8 +353,8 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(records: dict[str, Any]) -> str:
-    rows = summary(records)
-    setup = records["setup"]
+    rows = [r for r in summary(records) if r["seeds"] == len(SEEDS)]  # incomplete runs are listed, not shown
+    config = records["setup"]
     pretrain = json.loads((HERE / "pretrain.json").read_text())
     lines = [
         "# Adapters on a small pretrained GPT-2: KronA vs LoRA / LoKr, and kronfac's optimizers on adapters",
@@ -365,9 +369,9 @@ def markdown(records: dict[str, Any]) -> str:
         "of the 6 a 64-byte snippet comes from; 2400 train / 1200 test) and `docstring` (does the docstring belong "
         "to the def line; about 1200 train / 400 test pairs).",
         "",
-        f"Fine-tuning: {setup['steps']} steps, batch {setup['batch']}, warm-up + cosine, {setup['threads']} thread; "
-        f"learning rates {setup['lrs']} (two per method, picked on validation with seed 0), then seeds "
-        f"{setup['seeds']}; test accuracy mean ± std over the seeds. Adapter params exclude the new head (trained "
+        f"Fine-tuning: {config['steps']} steps, batch {config['batch']}, warm-up + cosine, {config['threads']} thread; "
+        f"learning rates {config['lrs']} (two per method, picked on validation with seed 0), then seeds "
+        f"{config['seeds']}; test accuracy mean ± std over the seeds. Adapter params exclude the new head (trained "
         "by every method, saved with the adapters); the file is what `save_adapters` / PEFT's `save_pretrained` "
         "write (full fine-tuning: every weight).",
         "",
@@ -391,7 +395,7 @@ def markdown(records: dict[str, Any]) -> str:
             lines.append(
                 f"- {task}: every completed method lies between {min(values):.1f} and {max(values):.1f} % "
                 f"(chance {chance[task]:.1f} %), a spread of the order of the seeds' std: at this model size and "
-                f"{setup['steps']} steps the comparison does not separate the methods."
+                f"{config['steps']} steps the comparison does not separate the methods."
             )
     lines += [
         "- ms/step was measured on a 2-core machine shared with other jobs (load 8+): the same method varies "
@@ -419,7 +423,7 @@ def main() -> None:
             if part.name != "results_quick.json":
                 loaded = json.loads(part.read_text())
                 records["runs"].update(loaded["runs"])
-                records["setup"] = loaded["setup"]
+                records["setup"] = loaded.get("setup", setup())
         out.write_text(json.dumps(records, indent=1))
     else:
         records = study(args.quick, out, list(TASKS))
