@@ -74,7 +74,11 @@ def adafisher_update_(
         exp_avg = pstate["exp_avg"]
         exp_avg.mul_(beta).add_(g, alpha=1.0 - beta)
         step_size = lr / (1.0 - beta ** pstate["step"])
-        if f is None:
+        if step_size > torch.finfo(p.dtype).max:
+            # the bias-corrected step leaves the dtype's range (an absurd lr): the parameters overflow to inf as
+            # they would in float64 arithmetic, and the next step's gradient check names the layer
+            p.sub_((exp_avg if f is None else exp_avg / f.to(p.dtype)) * step_size)
+        elif f is None:
             p.add_(exp_avg, alpha=-step_size)
         else:
             p.addcdiv_(exp_avg, f.to(p.dtype), value=-step_size)
