@@ -22,7 +22,10 @@ from torch import nn
 
 import kronfac
 
-pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:kronfac.*first-order update"),
+    pytest.mark.filterwarnings("ignore:kronfac. .* is shared by layers"),  # GPT-2's wte / lm_head
+]
 
 #: name -> factory(model, accumulation_steps), for GPT-2's token-mean loss.
 OPTIMIZERS: dict[str, Callable[[nn.Module, int], Any]] = {

@@ -22,8 +22,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import kronfac
 
-# LayerNorms are first-order in K-FAC and SINGD (warned once per optimizer).
-pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
+# Warned once per optimizer, as expected on these models: LayerNorms first-order (K-FAC, SINGD), GPT-2's wte/lm_head.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:kronfac.*first-order update"),
+    pytest.mark.filterwarnings("ignore:kronfac. .* is shared by layers"),
+]
 
 OptimizerFactory = Callable[[nn.Module, str, int], torch.optim.Optimizer]
 
