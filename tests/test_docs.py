@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 # docs/adafisher.md shows on purpose that a LayerNorm without its block gets the first-order update (warned once).
 pytestmark = pytest.mark.filterwarnings("ignore:kronfac.*first-order update")
@@ -34,6 +35,10 @@ FENCE = "```"
 # What the pages print that the guide's text relies on, beyond running.
 EXPECTED_OUTPUT = {
     "architecture.md": ["batch-1 |G ⊗ A - F| = "],
+    "integrations.md": [
+        "resumed run ends at the uninterrupted run's parameters: True",
+        "8 micro-batches, 4 K-FAC steps",
+    ],
     "kron_layers.md": ["trainable", "Cannot merge"],
     "thermodynamic.md": ["inverse mode: relative error", "crossover width", "thermodynamic (8-bit)"],
 }
@@ -45,6 +50,7 @@ MIN_RUNNABLE_BLOCKS = {
     "cgfac.md": 2,
     "kldwrm.md": 2,
     "adafisher.md": 1,
+    "integrations.md": 4,
 }
 
 
@@ -114,9 +120,16 @@ def run_chain(chain: tuple[Block, ...]) -> str:
     """Run the blocks of one chain in one fresh namespace; return what they printed."""
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for block in chain:
-            exec(block.compiled(), namespace)
+    # The examples' models are tiny: on a busy machine an intra-op thread pool costs more than it saves (a Trainer
+    # example of docs/integrations.md took 35 s with 2 threads and 5 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            for block in chain:
+                exec(block.compiled(), namespace)
+    finally:
+        torch.set_num_threads(threads)
     return printed.getvalue()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -53,6 +54,33 @@ def test_state_dict_round_trip_continues_bit_identically(name: str) -> None:
     resumed.load_state_dict(saved["model"])
     opt2 = OPTIMIZERS[name](resumed)
     opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, data[5:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_written_on_a_gpu_resumes_on_the_parameters_device(name: str) -> None:
+    """A checkpoint whose tensors were saved from ``cuda:0`` (simulated: torch.save tags every storage so) loads with
+    ``torch.load(map_location="cpu")`` on a CPU-only machine, as Hugging Face's Trainer and accelerate load it, and
+    resumes bit-identically: the curvature blob's tensors follow the parameters too, not only torch.optim's state."""
+    data = batches(10)
+    model = make_model()
+    opt = OPTIMIZERS[name](model)
+    train(model, opt, data[:5])
+    buffer = io.BytesIO()
+    tag = torch.serialization.location_tag
+    with mock.patch.object(
+        torch.serialization, "location_tag", lambda storage: "cuda:0" if tag(storage) == "cpu" else tag(storage)
+    ):
+        torch.save(opt.state_dict(), buffer)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, opt, data[5:])
+
+    buffer.seek(0)
+    resumed = make_model()
+    resumed.load_state_dict(saved_model)
+    opt2 = OPTIMIZERS[name](resumed)
+    opt2.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
     train(resumed, opt2, data[5:])
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)

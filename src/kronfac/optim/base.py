@@ -817,13 +817,17 @@ class KronOptimizer(Optimizer):
             for key, value in group.items():
                 if isinstance(value, str) and value == CALLABLE:
                     group[key] = old[key]
-        for name, layer in self.layers.items():
-            layer.block.load_state_dict(extra["layers"][name])
+        for name, layer in self.layers.items():  # each layer's curvature on its parameters' device
+            layer.block.load_state_dict(checkpoint.to_device(extra["layers"][name], layer.params[0].device))
             if self.placement is not None and not self.placement.owns(name):
                 layer.block.release()  # type: ignore[attr-defined]
         self.steps, self.num_skipped = int(extra["steps"]), int(extra["num_skipped"])
         self.consecutive_skipped = int(extra.get("consecutive_skipped", 0))
-        self.capture.load_state_dict(extra["capture"])
+        self.capture.load_state_dict(extra["capture"])  # the sampler's state is a CPU tensor by torch's API
         if self.correction is not None:
-            self.correction.load_state_dict(extra.get("correction", {}))
+            anchor = self._anchor()
+            correction = extra.get("correction", {})
+            if anchor is not None:
+                correction = checkpoint.to_device(correction, anchor.device)
+            self.correction.load_state_dict(correction)
         self._schedule_capture()

@@ -9,6 +9,11 @@ which DCP needs: it loads into the structure of a freshly built optimizer's stat
 
 The blob carries the optimizer's class and each layer's block type and shape, so a state from another optimizer
 or another model is refused with a ``ValueError`` naming the layer and what differs.
+
+``torch.load``'s ``map_location`` never reaches inside the blob, so :func:`decode` reads it onto the CPU and the
+optimizer moves each layer's part to that layer's device (:func:`to_device`), as ``torch.optim`` casts each
+parameter's state to its parameter: a checkpoint written on a GPU resumes on a CPU-only machine, and every
+data-parallel rank gets its curvature on its own device, not on the saving rank's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KEY", "check_compatible", "decode", "encode"]
+__all__ = ["KEY", "check_compatible", "decode", "encode", "to_device"]
 
 #: The per-parameter state key of the curvature blob.
 KEY = "kronfac"
@@ -31,17 +36,31 @@ def encode(curvature: dict[str, Any]) -> bytes:
 
 
 def decode(blob: Any) -> dict[str, Any]:
+    """The curvature state of a blob, its tensors on the CPU whatever device wrote them."""
     if isinstance(blob, dict):  # already structured (a state_dict written before the blob format)
         return blob
     if not isinstance(blob, (bytes, bytearray)):
         raise ValueError(f"state_dict: the {KEY!r} entry is a {type(blob).__name__}, not a kronfac curvature blob")
     try:
-        state = torch.load(io.BytesIO(bytes(blob)), weights_only=True)
+        state = torch.load(io.BytesIO(bytes(blob)), map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupted or foreign blob: name it instead of a pickle traceback
         raise ValueError(f"state_dict: the {KEY!r} entry cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or "layers" not in state:
         raise ValueError(f"state_dict: the {KEY!r} entry is not a kronfac curvature state")
     return state
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """``tree`` (nested dicts, lists and tuples, as a decoded blob holds them) with every tensor on ``device``."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [to_device(value, device) for value in tree]
+    if isinstance(tree, tuple):
+        return tuple(to_device(value, device) for value in tree)
+    return tree
 
 
 def check_compatible(saved: dict[str, Any], optimizer: str, signatures: dict[str, str]) -> None:
