@@ -1,5 +1,7 @@
-"""Run methods on tasks with the same seeds and budgets: a learning-rate sweep on the validation split, then
-seeded runs evaluated on the test split. Step times exclude data indexing and evaluation."""
+"""Run methods on tasks with the same seeds and budgets. :func:`run_one` trains once and records the learning
+curve (on a CUDA device every step is synchronised before its clock stops); :func:`sweep` and :func:`run_method`
+are the older grid sweep the studies under ``benchmarks/`` use, :mod:`kronfac.bench.protocol` the tuning protocol
+of ``kronfac bench``. Step times exclude data indexing and evaluation."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from kronfac.bench.data import Split
 from kronfac.bench.methods import Method
 from kronfac.bench.tasks import Task
 
-__all__ = ["RunResult", "run_method", "run_one", "state_bytes", "sweep"]
+__all__ = ["RunResult", "resolve_device", "run_method", "run_one", "schedule", "state_bytes", "sweep"]
 
 
 @dataclass
@@ -38,10 +40,17 @@ class RunResult:
     def final(self) -> dict[str, float]:
         return self.curve[-1] if self.curve else {"loss": math.inf, "accuracy": 0.0}
 
-    def to_target(self, target: float) -> tuple[int | None, float | None]:
-        """(steps, training seconds) at the first evaluation whose accuracy reaches ``target``."""
+    def to_target(self, target: float, task: Task | None = None) -> tuple[int | None, float | None]:
+        """(steps, training seconds) at the first evaluation that reaches ``target``: with a ``task``, the first
+        whose validation metric reaches it (``val_`` keys, else the evaluated split's); else the first whose
+        accuracy does."""
         for point in self.curve:
-            if point["accuracy"] >= target:
+            if task is None:
+                hit = point["accuracy"] >= target
+            else:
+                value = point.get(f"val_{task.metric}", point.get(task.metric))
+                hit = value is not None and math.isfinite(value) and task.reached(value)
+            if hit:
                 return int(point["step"]), float(point["seconds"])
         return None, None
 
@@ -90,6 +99,43 @@ def _eval_split(split: Split, which: str) -> tuple[Tensor, Tensor]:
     return (split.x_val, split.y_val) if which == "val" else (split.x_test, split.y_test)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without a GPU raises ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {name!r} (must be cpu, cuda or auto)")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    return torch.device(name)
+
+
+_ON_DEVICE: dict[tuple[str, str], Split] = {}
+
+
+def _split_on(task: Task, device: torch.device) -> Split:
+    split = task.load()
+    if device.type == "cpu":
+        return split
+    key = (task.name, str(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = Split(*(getattr(split, f).to(device) for f in split.__dataclass_fields__))
+    return _ON_DEVICE[key]
+
+
+def schedule(steps: int, warmup: float) -> Callable[[int], float]:
+    """Linear warmup over ``warmup`` of the ``steps`` steps, then cosine decay to zero: the learning-rate factor of
+    every method in the tuning protocol (AlgoPerf's baselines' schedule)."""
+    warm = round(warmup * steps)
+
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, steps - warm) / max(1, steps - warm)))
+
+    return factor
+
+
 def run_one(
     task: Task,
     method: Method,
@@ -100,13 +146,30 @@ def run_one(
     split_name: str = "test",
     on_step: Callable[[], None] | None = None,
     extra: dict[str, Any] | None = None,
+    track_val: bool = False,
+    device: torch.device | str = "cpu",
 ) -> RunResult:
-    """Train ``task``'s model with ``method`` for ``steps`` steps and record its learning curve; ``extra`` holds
-    further hyperparameters of the method (a point of its ``grid``)."""
-    split = task.load()
+    """Train ``task``'s model with ``method`` for ``steps`` steps and record its learning curve.
+
+    Args:
+        extra: further hyperparameters of the method (a point of its ``grid`` or a trial); ``warmup`` among them
+            is not the method's: it puts every optimizer of the trainer on :func:`schedule`.
+        split_name: the split evaluated into ``loss`` and ``accuracy`` (``"test"`` or ``"val"``).
+        track_val: also record ``val_loss`` and ``val_accuracy`` at every evaluation (time to target).
+        device: where the model, the data and the step run.
+    """
+    device = torch.device(device)
+    split = _split_on(task, device)
+    extra = dict(extra or {})
+    warmup = extra.pop("warmup", None)
     torch.manual_seed(seed)
-    model = task.build(split)
-    trainer = method.make(model, lr, task, **(extra or {}))
+    model = task.build(split).to(device)
+    trainer = method.make(model, lr, task, **extra)
+    schedulers = []
+    if warmup is not None:
+        factor = schedule(steps, float(warmup))
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in trainer.optimizers()]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result = RunResult(task.name, method.name, lr, seed, steps, split_name)
     x_eval, y_eval = _eval_split(split, split_name)
     generator = torch.Generator().manual_seed(seed)
@@ -119,9 +182,13 @@ def run_one(
                 order, cursor = torch.randperm(n, generator=generator), 0
             idx = order[cursor : cursor + task.batch_size]
             cursor += task.batch_size
-            x, y = split.x_train[idx], split.y_train[idx]
+            x, y = split.x_train[idx.to(device)], split.y_train[idx.to(device)]
+            sync()
             start = time.perf_counter()
             loss = trainer.step(x, y)
+            for scheduler in schedulers:
+                scheduler.step()
+            sync()
             elapsed = time.perf_counter() - start
             seconds += elapsed
             result.step_ms.append(1e3 * elapsed)
@@ -135,9 +202,10 @@ def run_one(
                 eval_loss, accuracy = task.evaluate(model, x_eval, y_eval)
                 if not math.isfinite(eval_loss):
                     result.diverged = True
-                result.curve.append(
-                    {"step": step, "seconds": seconds, "train_loss": loss, "loss": eval_loss, "accuracy": accuracy}
-                )
+                point = {"step": step, "seconds": seconds, "train_loss": loss, "loss": eval_loss, "accuracy": accuracy}
+                if track_val:
+                    point["val_loss"], point["val_accuracy"] = task.evaluate(model, split.x_val, split.y_val)
+                result.curve.append(point)
                 if result.diverged:
                     break
     except (FloatingPointError, RuntimeError) as exc:  # non-finite values, or a peer's failed factorization

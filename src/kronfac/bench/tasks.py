@@ -1,4 +1,5 @@
-"""Benchmark tasks: a model, its bundled data, its loss, a target accuracy, and the training budget."""
+"""Benchmark tasks: a model, its bundled data, its loss, the metric it is scored by (validation accuracy or
+validation loss) with a target, and the training budget."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.bench.data import Split, load_digits, load_mnist1d, load_stdlib_text
-from kronfac.bench.models import CharTransformer, mlp, small_cnn
+from kronfac.bench.models import CharTransformer, LinearLSTM, cnn1d, mlp, small_cnn
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = ["METRICS", "TASKS", "Task", "get_task"]
+
+#: What a task is scored by: the key of an evaluation point and whether larger is better.
+METRICS: dict[str, bool] = {"accuracy": True, "loss": False}
 
 
 @dataclass
@@ -27,9 +31,13 @@ class Task:
         build: ``build(split) -> nn.Module`` (seeded by the caller).
         steps: training steps of a full run; ``quick_steps`` for ``--quick``.
         batch_size: mini-batch size.
-        target: test accuracy counted as "reached" for time/steps to target.
-        eval_every: evaluate the test metrics every this many steps.
+        target: validation ``metric`` counted as "reached" for time/steps to target (at least this accuracy, at
+            most this loss).
+        eval_every: evaluate the metrics every this many steps.
         curvature_options: keyword arguments kronfac optimizers need for this task (e.g. ``loss_average``).
+        metric: ``"accuracy"`` (larger is better) or ``"loss"`` (smaller is better), the final metric the report
+            compares and the tuning selects by.
+        step_ms: expected milliseconds of one AdamW step on one CPU thread, which weighs the progress bar.
     """
 
     name: str
@@ -42,6 +50,20 @@ class Task:
     target: float
     eval_every: int
     curvature_options: dict[str, Any] = field(default_factory=dict)
+    metric: str = "accuracy"
+    step_ms: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"Invalid metric: {self.metric!r} (must be one of {', '.join(METRICS)})")
+
+    @property
+    def larger_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+    def reached(self, value: float) -> bool:
+        """Whether a validation ``metric`` value reaches the target."""
+        return value >= self.target if self.larger_is_better else value <= self.target
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
@@ -92,6 +114,7 @@ TASKS: dict[str, Task] = {
             batch_size=64,
             target=0.95,
             eval_every=20,
+            step_ms=0.6,
         ),
         Task(
             name="mlp-mnist1d",
@@ -103,6 +126,7 @@ TASKS: dict[str, Task] = {
             batch_size=128,
             target=0.60,
             eval_every=50,
+            step_ms=1.4,
         ),
         Task(
             name="cnn-digits",
@@ -114,18 +138,46 @@ TASKS: dict[str, Task] = {
             batch_size=64,
             target=0.95,
             eval_every=20,
+            step_ms=1.7,
+        ),
+        Task(
+            name="cnn-mnist1d",
+            description="1-D CNN (3 conv, kernel 5, 32 channels + linear) on mnist1d",
+            load=_mnist1d,
+            build=lambda split: cnn1d(),
+            steps=1000,
+            quick_steps=30,
+            batch_size=128,
+            target=0.70,
+            eval_every=50,
+            step_ms=3.0,
+        ),
+        Task(
+            name="lstm-mnist1d",
+            description="LSTM (hidden 64) over mnist1d as a sequence of 10 steps of 4 values",
+            load=_mnist1d,
+            build=lambda split: LinearLSTM(hidden=64, input_size=4),
+            steps=1000,
+            quick_steps=20,
+            batch_size=128,
+            target=0.60,
+            eval_every=50,
+            step_ms=6.0,
         ),
         Task(
             name="charlm",
-            description="char transformer (2 blocks, width 64, context 64) on stdlib source",
+            description="GPT-style char LM (2 pre-norm blocks, width 64, context 64) on stdlib source, "
+            "scored by validation loss (nats/char)",
             load=lambda: _text()[0],
             build=lambda split: CharTransformer(vocab=_text()[1]),
             steps=400,
             quick_steps=10,
             batch_size=32,
-            target=0.45,
+            target=1.9,
             eval_every=50,
             curvature_options={"loss_average": "batch+sequence"},
+            metric="loss",
+            step_ms=21.0,
         ),
     ]
 }
