@@ -1,6 +1,7 @@
 """Regenerate the README's benchmark section from committed results (never typed by hand).
 
-Reads ``benchmarks/bench/results.json`` (``kronfac bench --out benchmarks/bench``) and
+Reads ``benchmarks/bench/results.json`` (``kronfac bench --out benchmarks/bench``, the default suite),
+``benchmarks/bench_full/results.json`` (``kronfac bench --suite full --out benchmarks/bench_full``) and
 ``benchmarks/kfac_speed/results.json`` (``python benchmarks/kfac_speed/run.py``) and links every other study's
 ``results.md`` under ``benchmarks/``. Run: ``python benchmarks/update_readme.py``.
 """
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+sys.path.insert(0, str(ROOT / "src"))
+
+from kronfac.bench.report import comparison, noise_sentence  # noqa: E402
 
 
 def _config(record: dict) -> str:
@@ -25,27 +30,57 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _protocol(meta: dict) -> str:
+    p = meta.get("protocol")
+    if not p:
+        return "learning rates from the recorded sweep"
+    return (
+        f"{p['trials']} quasi-random trials per method at {p['trial_fraction']:g} of the steps, the best rerun on "
+        f"seeds {meta['seeds']}, steps x{meta.get('steps_scale', 1):g}"
+    )
+
+
+def _ratio_line(task_name: str, task: dict) -> str:
+    parts = []
+    for key, unit in (("steps", ""), ("seconds", " s")):
+        mine, theirs, ratio = comparison(task)[key]
+        if mine and theirs:
+            parts.append(f"{key} {mine[0]} {mine[1]:g}{unit} / {theirs[0]} {theirs[1]:g}{unit} = **{ratio:.2f}x**")
+        else:
+            parts.append(f"{key}: {'ours' if theirs else 'the others'} never all reached the target")
+    return f"- {task_name}: our best vs the best other to the validation target: " + "; ".join(parts) + "."
+
+
 def bench_section(results: dict, folder: str, title: str) -> list[str]:
     meta = results["meta"]
     lines = [
-        f"**{title}** ({meta['date']}, {meta['machine']}, {meta['threads']} threads, seeds {meta['seeds']}; "
-        "learning rates from the recorded sweep; time to target is training time, median over seeds; full tables "
-        f"in [benchmarks/{folder}/](benchmarks/{folder}/results.md)):",
+        f"**{title}** ({meta['date']}, {meta['machine']}, {meta['threads']} threads; {_protocol(meta)}; final "
+        "metric on the test split, mean ± std over seeds; steps and seconds to the validation target, median over "
+        f"seeds; full tables in [benchmarks/{folder}/](benchmarks/{folder}/results.md)):",
         "",
-        "| task | method | lr | test acc | s to target | median ms/step | vs AdamW |",
-        "|---|---|---|---|---|---|---|",
+        "| task (target) | method | setting | test metric | steps to target | s to target | median ms/step "
+        "| mean ms/step | vs AdamW |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for task_name, task in results["tasks"].items():
         base = task["methods"].get("adamw", {}).get("summary", {}).get("median_ms")
+        metric = task.get("metric", "accuracy")
+        arrow = "≥" if metric == "accuracy" else "≤"
         for name, record in task["methods"].items():
             s = record["summary"]
+            mean = s.get("metric_mean", s.get(f"{metric}_mean"))
+            std = s.get("metric_std", s.get(f"{metric}_std", 0.0))
             ratio = s["median_ms"] / base if base and s["median_ms"] else None
             lines.append(
-                f"| {task_name} (target {task['target']}) | {name} | {_config(record)} "
-                f"| {s['accuracy_mean']:.3f} ± {s['accuracy_std']:.3f} | {_fmt(s['seconds_to_target'], '.2f')} "
-                f"| {_fmt(s['median_ms'], '.2f')} | {_fmt(ratio, '.2f')}x |"
+                f"| {task_name} ({metric} {arrow} {task['target']}) | {name} | {_config(record)} "
+                f"| {mean:.3f} ± {std:.3f} | {_fmt(s['steps_to_target'], '.0f')} "
+                f"| {_fmt(s['seconds_to_target'], '.2f')} | {_fmt(s['median_ms'], '.2f')} "
+                f"| {_fmt(s.get('mean_ms'), '.2f')} | {_fmt(ratio, '.2f')}x |"
             )
-    return lines
+        if "metric" in task:
+            notes += [f"- {noise_sentence(task_name, task)}", _ratio_line(task_name, task)]
+    return lines + (["", *notes] if notes else [])
 
 
 def speed_section(results: dict) -> list[str]:
@@ -71,16 +106,15 @@ def main() -> None:
     bench = ROOT / "benchmarks" / "bench" / "results.json"
     if bench.exists():
         lines += bench_section(json.loads(bench.read_text()), "bench", "`kronfac bench` (the default job)")
-    every = ROOT / "benchmarks" / "bench_all" / "results.json"
-    if every.exists():
-        title = (
-            "Every method on the small tasks (`kronfac bench --tasks mlp-digits mlp-mnist1d cnn-digits --methods ...`)"
-        )
-        lines += ["", *bench_section(json.loads(every.read_text()), "bench_all", title)]
+    full = ROOT / "benchmarks" / "bench_full" / "results.json"
+    if full.exists():
+        results = json.loads(full.read_text())
+        title = f"The full suite (`kronfac bench --suite full --steps-scale {results['meta'].get('steps_scale', 1):g}`)"
+        lines += ["", *bench_section(results, "bench_full", title)]
     speed = ROOT / "benchmarks" / "kfac_speed" / "results.json"
     if speed.exists():
         lines += speed_section(json.loads(speed.read_text()))
-    own = ("bench", "bench_all")
+    own = ("bench", "bench_full")
     studies = sorted(p for p in (ROOT / "benchmarks").glob("*/results.md") if p.parent.name not in own)
     if studies:
         lines += ["", "Other studies: " + ", ".join(f"[{p.parent.name}]({p.relative_to(ROOT)})" for p in studies) + "."]

@@ -134,7 +134,15 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         quick=base.quick,
     )  # fmt: skip
     _check_out(args.out)
-    return {"suite": suite_name, "tasks": tasks, "methods": methods, "protocol": protocol, "device": device}
+    scale = args.steps_scale * suite.steps_scale
+    return {
+        "suite": suite_name,
+        "tasks": tasks,
+        "methods": methods,
+        "protocol": protocol,
+        "device": device,
+        "steps_scale": scale,
+    }
 
 
 def work(
@@ -181,14 +189,14 @@ def run(args: argparse.Namespace) -> int:
             "flush_denormal": flush_denormal,
             "suite": plan["suite"],
             "quick": protocol.quick,
-            "steps_scale": args.steps_scale,
+            "steps_scale": plan["steps_scale"],
             "protocol": {"trials": protocol.trials, "seeds": protocol.seeds, "trial_fraction": protocol.trial_fraction},
             "seeds": list(range(1, protocol.seeds + 1)),
             "methods": methods,
         },
         "tasks": {},
     }
-    steps_of, weight, total = work(plan["tasks"], methods, protocol, args.steps_scale)
+    steps_of, weight, total = work(plan["tasks"], methods, protocol, plan["steps_scale"])
     finished = 0
     try:
         with tqdm(total=total, desc="kronfac bench", dynamic_ncols=True,
