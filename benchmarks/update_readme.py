@@ -45,9 +45,10 @@ def _ratio_line(task_name: str, task: dict) -> str:
     for key, unit in (("steps", ""), ("seconds", " s")):
         mine, theirs, ratio = comparison(task)[key]
         if mine and theirs:
-            parts.append(f"{key} {mine[0]} {mine[1]:g}{unit} / {theirs[0]} {theirs[1]:g}{unit} = **{ratio:.2f}x**")
+            parts.append(f"{key} {mine[0]} {mine[1]:.3g}{unit} / {theirs[0]} {theirs[1]:.3g}{unit} = **{ratio:.2f}x**")
         else:
-            parts.append(f"{key}: {'ours' if theirs else 'the others'} never all reached the target")
+            who = "kronfac's methods" if theirs else "the other methods"
+            parts.append(f"{key}: {who} never reached it on every seed")
     return f"- {task_name}: our best vs the best other to the validation target: " + "; ".join(parts) + "."
 
 

@@ -97,9 +97,9 @@ def _comparison_sentence(task: dict) -> str:
         elif mine is None or theirs is None:
             name, value = theirs or mine
             side = "only the others" if mine is None else "only kronfac"
-            parts.append(f"{key}: {side} reached it ({name}, {value:g} {unit})")
+            parts.append(f"{key}: {side} reached it ({name}, {value:.3g} {unit})")
         else:
-            parts.append(f"{key}: {mine[0]} {mine[1]:g} vs {theirs[0]} {theirs[1]:g} {unit} = {ratio:.2f}x")
+            parts.append(f"{key}: {mine[0]} {mine[1]:.3g} vs {theirs[0]} {theirs[1]:.3g} {unit} = {ratio:.2f}x")
     return "Our best vs the best other method to the validation target — " + "; ".join(parts) + "."
 
 
