@@ -118,7 +118,10 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         if missing:
             raise CheckError(f"method(s) {', '.join(missing)} need packages that are not installed (see --list)")
     else:  # a suite's peers run where their packages are installed
-        methods = [m for m in methods if METHODS[m].available()]
+        skipped = [m for m in methods if not METHODS[m].available()]
+        if skipped:
+            print(f"kronfac bench: skipping {', '.join(skipped)} (packages not installed)", file=sys.stderr)
+        methods = [m for m in methods if m not in skipped]
     for flag, value in (("--trials", args.trials), ("--seeds", args.seeds), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise CheckError(f"{flag} must be >= 1, got {value}")
