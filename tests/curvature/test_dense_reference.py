@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import kronfac
 from reference import empirical_fisher_block, factors_after_one_step, ggn_block_mse, kron_block
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -159,3 +160,43 @@ def test_reduce_factors_match_their_definition() -> None:
     torch.testing.assert_close(a, patches.T @ patches / 4)
     summed = grads["go"].flatten(2).sum(2) * 4  # loss averaged over 4 samples: g = 4 grad_out
     torch.testing.assert_close(g, summed.T @ summed / 4)
+
+
+class BroadcastPositions(nn.Module):
+    """As in Hugging Face's GPT-2 and BERT: the position embedding is looked up once, ``(1, T)``, and broadcast over
+    the batch (``expand=True`` looks it up per sample instead, ``(N, T)``)."""
+
+    def __init__(self, vocab: int = 7, length: int = 5, width: int = 4, out: int = 3) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(vocab, width), nn.Embedding(length, width), nn.Linear(width, out)
+
+    def forward(self, x: torch.Tensor, expand: bool = False) -> torch.Tensor:
+        ids = torch.arange(x.shape[1])[None]
+        return self.head(torch.tanh(self.tok(x) + self.pos(ids.expand_as(x) if expand else ids)))
+
+
+@pytest.mark.parametrize("loss_average", ["batch", "batch+sequence"])
+def test_a_layer_broadcast_over_the_batch_gets_the_scale_of_its_per_sample_factor(loss_average: str) -> None:
+    """The output gradient of a layer broadcast over the batch arrives summed over the samples; with one sample
+    carrying all of the loss gradient (the others sit at their targets) that sum is the per-sample gradient,
+    so G must equal the one of the same layer looked up per sample (before the fix it was N times smaller)."""
+    torch.manual_seed(0)
+    model = BroadcastPositions()
+    x = torch.randint(0, 7, (4, 5))
+    with torch.no_grad():
+        target = model(x)
+    target[0] = torch.randn(5, 3)
+    g = {}
+    for expand in (False, True):
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            return ((out - target) ** 2).sum(-1).mean() if loss_average == "batch+sequence" else \
+                ((out - target) ** 2).sum((1, 2)).mean()  # fmt: skip
+
+        opt = kronfac.KFAC(model, lr=0.0, factor_dtype=torch.float64, kl_clip=None, loss_average=loss_average)
+        loss_fn(model(x, expand=expand)).backward()
+        opt.step()
+        opt.close()
+        model.zero_grad()
+        g[expand] = opt.layers["pos"].block.g_factor
+    torch.testing.assert_close(g[False], g[True], atol=1e-10, rtol=1e-10)

@@ -127,6 +127,8 @@ class Capture:
         self._before: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._shape_checked = False
+        #: Leading dimension of the model's first tensor argument in the current forward (the batch size).
+        self._batch = 1
         self._warn_unfed()
 
     def _warn_unfed(self) -> None:
@@ -162,6 +164,7 @@ class Capture:
                 self._handles.append(layer.module.register_forward_hook(self._call_hook(layer), with_kwargs=True))
             else:
                 self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+        self._handles.append(self.model.register_forward_pre_hook(self._batch_hook, with_kwargs=True))
         if self.fisher_type is not FisherType.EMPIRICAL:
             self._handles.append(self.model.register_forward_hook(self._sample_hook))
         elif not self._shape_checked:
@@ -192,11 +195,21 @@ class Capture:
         self._generator, self._generator_state = None, state.get("generator")
 
     # -- hooks ------------------------------------------------------------------------------------------
+    def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tensor = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.ndim > 0), None)
+        self._batch = tensor.shape[0] if tensor is not None else 1
+
     def _row_count(self, rows: Tensor) -> int:
+        """``M``, the rows the loss is averaged over, as seen by this layer. A layer whose input has a leading
+        dimension of 1 in a batch of ``N`` is broadcast over the batch (Hugging Face's position embeddings look
+        up ``(1, T)`` positions): its output gradient arrives summed over the samples, and ``M = N`` makes
+        ``G = M Σ grad gradᵀ`` the per-sample estimate (exact when one sample carries the gradient, unbiased for
+        uncorrelated per-sample gradients); with ``M = 1`` it was ``N`` times too small."""
+        samples = self._batch if rows.shape[0] == 1 else rows.shape[0]
         if self.loss_average is LossAverage.BATCH:
-            return rows.shape[0]
+            return samples
         if self.loss_average is LossAverage.BATCH_SEQUENCE:
-            return rows.shape[0] * rows.shape[1]
+            return samples * rows.shape[1]
         return 1
 
     def _forward_hook(self, layer: TrackedLayer) -> Callable[..., None]:
