@@ -340,7 +340,7 @@ class Capture:
 
     def _check_sequence_average(self, logits: Tensor) -> None:
         """Once: sequence logits with ``loss_average="batch"`` usually mean a token-mean LM loss, whose ``G`` is
-        then too large by the sequence length."""
+        then too small by the sequence length."""
         if self._shape_checked:
             return
         self._shape_checked = True
