@@ -129,9 +129,9 @@ def _reading(name: str, task: dict[str, Any]) -> list[str]:
             best = min(moves, key=lambda x: x[1]) if task["kind"] == "lm" else max(moves, key=lambda x: x[1])
             worst = max(moves, key=lambda x: x[1]) if task["kind"] == "lm" else min(moves, key=lambda x: x[1])
             verb = "improves" if better(best[1]) else "does not improve"
+            harm = f"; the most harmful is {worst[0]} ({worst[1]:+.3f})" if better(-worst[1]) else ""
             out.append(
-                f"- Ablation: the best single change, {best[0]}, {verb} on the chosen K-FAC ({best[1]:+.3f}); the "
-                f"most harmful is {worst[0]} ({worst[1]:+.3f})."
+                f"- Ablation: the best single change, {best[0]}, {verb} on the chosen K-FAC ({best[1]:+.3f}){harm}."
             )
         diverged = [row["label"] for row in rows if row["val_mean"] is None]
         if diverged:
@@ -173,7 +173,15 @@ def write_markdown(results: dict[str, Any]) -> str:
             *_reading(name, task),
         ]
         if "ablation" in task:
-            lines += ["", f"### Ablation of K-FAC on {name}", "", *_ablation_table(task)]
+            lines += [
+                "",
+                f"### Ablation of K-FAC on {name}",
+                "",
+                "One seed per row, run one after another (not interleaved): read the metric; the seconds and ms/step "
+                "columns carry the machine's load changes and are not comparable between rows.",
+                "",
+                *_ablation_table(task),
+            ]
         lines += ["", f"### Tuning trials on {name}", "", *_tuning_table(task), "", "Coverage (`opt.summary()`):", ""]
         lines += [f"- {m}: {record['coverage']}" for m, record in task["methods"].items()]
     return "\n".join(lines) + "\n"
