@@ -1,8 +1,9 @@
 """Regenerate the README's benchmark section from committed results (never typed by hand).
 
 Reads ``benchmarks/bench/results.json`` (``kronfac bench --out benchmarks/bench``, the default suite),
-``benchmarks/bench_full/results.json`` (``kronfac bench --suite full --out benchmarks/bench_full``) and
-``benchmarks/kfac_speed/results.json`` (``python benchmarks/kfac_speed/run.py``) and links every other study's
+``benchmarks/bench_full/results.json`` (``kronfac bench --suite full --out benchmarks/bench_full``),
+``benchmarks/kfac_speed/results.json`` (``python benchmarks/kfac_speed/run.py``),
+``benchmarks/hf_models/results.json`` (``python benchmarks/hf_models/run.py``) and links every other study's
 ``results.md`` under ``benchmarks/``. Run: ``python benchmarks/update_readme.py``.
 """
 
@@ -102,6 +103,36 @@ def speed_section(results: dict) -> list[str]:
     return lines
 
 
+def hf_section(results: dict) -> list[str]:
+    """benchmarks/hf_models: final metric and steps/seconds to AdamW's final metric, per method and task."""
+    meta = results["meta"]
+    lines = [
+        "",
+        f"**Hugging Face models: tiny GPT-2 char LM and BERT classifier** ({meta['date']}, {meta['machine']}, "
+        f"{meta['threads']} thread(s), {meta['trials']} tuning trials per method, seeds {meta['seeds']}; "
+        "[benchmarks/hf_models/](benchmarks/hf_models/results.md)):",
+        "",
+        "| task | method | final val metric | steps to AdamW's final | × AdamW | s × AdamW | ms/step × AdamW |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task_name, task in results["tasks"].items():
+        base = task["methods"]["adamw"]["summary"]
+        metric = "loss" if task["kind"] == "lm" else "acc"
+        for name, record in task["methods"].items():
+            s = record["summary"]
+            ratio = {
+                key: s[key] / base[key] if s.get(key) is not None and base.get(key) else None
+                for key in ("steps_to_target", "seconds_to_target", "median_ms")
+            }
+            value = "diverged" if s["val_mean"] is None else f"{metric} {s['val_mean']:.3f} ± {s['val_std']:.3f}"
+            lines.append(
+                f"| {task_name} | {name} | {value} | {_fmt(s.get('steps_to_target'), '.0f')} "
+                f"| {_fmt(ratio['steps_to_target'], '.2f')} | {_fmt(ratio['seconds_to_target'], '.2f')} "
+                f"| {_fmt(ratio['median_ms'], '.2f')} |"
+            )
+    return lines
+
+
 def main() -> None:
     lines: list[str] = []
     bench = ROOT / "benchmarks" / "bench" / "results.json"
@@ -115,6 +146,9 @@ def main() -> None:
     speed = ROOT / "benchmarks" / "kfac_speed" / "results.json"
     if speed.exists():
         lines += speed_section(json.loads(speed.read_text()))
+    hf = ROOT / "benchmarks" / "hf_models" / "results.json"
+    if hf.exists():
+        lines += hf_section(json.loads(hf.read_text()))
     own = ("bench", "bench_full")
     studies = sorted(p for p in (ROOT / "benchmarks").glob("*/results.md") if p.parent.name not in own)
     if studies:
