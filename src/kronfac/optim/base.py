@@ -324,8 +324,8 @@ class KronOptimizer(Optimizer):
             reason = "one of them is a layer type whose parameters cannot be shared (a norm or attention)"
         elif any({id(p) for p in use.params} != {id(p) for p in canonical.params} for use in uses):
             reason = "they share some of their parameters but not all (a weight with separate biases)"
-        orientations = [_transposed(canonical, use) for use in uses]
-        if reason is None and None in orientations:
+        transposed = {id(use): _transposed(canonical, use) for use in uses}
+        if reason is None and None in transposed.values():
             reason = "their weight matrices are neither equal nor transposes of each other"
         if reason is not None:
             self._deselected.update(p for use in uses for p in use.params)
@@ -346,7 +346,7 @@ class KronOptimizer(Optimizer):
                 dtype=self.options.statistics_dtype(weight),
                 device=weight.device,
             )
-            group.uses.append(SharedUse(use.name, statistics, bool(_transposed(canonical, use))))
+            group.uses.append(SharedUse(use.name, statistics, bool(transposed[id(use)])))
         self.shared[layer.name] = group
         self._use_layers[layer.name] = [
             TrackedLayer(use.name, use.module, use.helper, shared_use.statistics, use.params)
