@@ -45,6 +45,7 @@ def _linear_mse_opt(model: nn.Module, correction: kronfac.KLDWRM, rho: float, da
         damping=damping,
         factor_decay=rho,
         inverse_every=1,
+        inverse=kronfac.EighConfig(),  # the dense references below use K-FAC's exact damping
         kl_clip=None,
         fisher_type="type2",
         loss="mse",

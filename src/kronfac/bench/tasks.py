@@ -148,7 +148,7 @@ TASKS: dict[str, Task] = {
             steps=1000,
             quick_steps=30,
             batch_size=128,
-            target=0.65,
+            target=0.85,
             eval_every=50,
             step_ms=3.0,
         ),
