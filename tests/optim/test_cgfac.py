@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kronfac
-from kronfac.linalg.cg import batch_operator, cg_solve
+from kronfac.linalg.cg import batch_operator, cg_solve, factor_operator, operator_costs
 from reference import grad_matrix_from
 
 
@@ -17,6 +17,55 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_factor_operator_is_the_batch_operator_with_formed_factors(diagonal: bool, float64) -> None:
+    a = torch.rand(7) if diagonal else torch.randn(5, 7)
+    g, u = torch.randn(5, 3), torch.randn(3, 7)
+    a_factor = a / 5 if diagonal else a.T @ a / 5
+    got = factor_operator(a_factor, g.T @ g / 5, 0.3)(u)
+    torch.testing.assert_close(got, batch_operator(a, g, 0.3, a_scale=1 / 5, g_scale=1 / 5)(u))
+    dense = torch.kron(g.T @ g / 5, torch.diag(a_factor) if diagonal else a_factor) + 0.3 * torch.eye(21)
+    torch.testing.assert_close(got.reshape(-1), dense @ u.reshape(-1))
+
+
+def test_operator_costs_count_the_products() -> None:
+    rows, factors, formation = operator_costs(100, 20, 8, 8, iterations=10)
+    assert rows == 10 * 2 * 2000 * 16 and factors == 10 * 2000 * 120 and formation == 400 * 8 + 10000 * 8
+    rows, factors, formation = operator_costs(100, 20, 0, 8, iterations=10, diagonal_a=True)
+    assert rows == 10 * 2000 * 17 and factors == 10 * 2000 * 21 and formation == 400 * 8
+
+
+def test_auto_takes_the_rows_for_a_small_batch_and_the_factors_for_a_large_one(float64) -> None:
+    """A 256-wide layer: 8 rows make the rows cheaper, 2048 rows (a long sequence) the factors; same solve."""
+    results = {}
+    for rows in (8, 2048):
+        for operator in ("auto", "rows", "factors"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(256, 256))
+            opt = kronfac.CGFAC(
+                model, lr=0.1, momentum=0.0, damping=1e-2, max_iters=30, tol=1e-12, kl_clip=None,
+                factor_dtype=torch.float64, operator=operator, loss_average="batch+sequence",
+            )  # fmt: skip
+            x = torch.randn(2, rows // 2, 256)
+            for _ in range(2):
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+            block = opt.layers["0"].block
+            results[rows, operator] = (block.last_operator, model[0].weight.detach().clone(), opt.state_bytes())
+        chosen, weight, _ = results[rows, "auto"]
+        assert chosen == ("rows" if rows == 8 else "factors")
+        torch.testing.assert_close(weight, results[rows, "rows"][1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(weight, results[rows, "factors"][1], rtol=1e-9, atol=1e-12)
+        # the formed factors are state while they are used: (d_i^2 + d_o^2) doubles on top of the rows
+        assert results[rows, "factors"][2] - results[rows, "rows"][2] == (257 * 257 + 256 * 256) * 8
+
+
+def test_invalid_operator_is_refused() -> None:
+    with pytest.raises(ValueError, match="Invalid operator: 'dense'"):
+        kronfac.CGFAC(nn.Sequential(nn.Linear(2, 2)), operator="dense")
 
 
 def test_cg_solve_matches_a_dense_solve(float64) -> None:
@@ -72,15 +121,16 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("operator", ["rows", "factors"])
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_step_equals_the_dense_damped_solve(kind: str, float64) -> None:
+def test_step_equals_the_dense_damped_solve(kind: str, operator: str, float64) -> None:
     build, shape = MODELS[kind]
     model = build()
     x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],))
     lr, damping = 0.5, 0.03
     opt = kronfac.CGFAC(
         model, lr=lr, momentum=0.0, damping=damping, max_iters=500, tol=1e-14, kl_clip=None, warm_start=False,
-        factor_dtype=torch.float64,
+        factor_dtype=torch.float64, operator=operator,
     )  # fmt: skip
     layer = model[0]
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
@@ -95,14 +145,15 @@ def test_step_equals_the_dense_damped_solve(kind: str, float64) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("operator", ["rows", "factors"])
 @pytest.mark.parametrize("history", [1, 3])
-def test_equals_the_dense_solve_with_the_truncated_ema(history: int, float64) -> None:
+def test_equals_the_dense_solve_with_the_truncated_ema(history: int, operator: str, float64) -> None:
     """history = H: the factors are K-FAC's EMA truncated to the last H batches (weights ρ^b, normalised)."""
     model = nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
     rho, damping = 0.6, 0.05
     opt = kronfac.CGFAC(
         model, lr=0.1, momentum=0.0, damping=damping, max_iters=300, tol=1e-14, kl_clip=None, factor_decay=rho,
-        history=history, factor_dtype=torch.float64,
+        history=history, factor_dtype=torch.float64, operator=operator,
     )  # fmt: skip
     g = torch.Generator().manual_seed(4)
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []

@@ -10,6 +10,14 @@ evaluated by stacking the rows of every stored batch scaled by ``sqrt(w_b / n_b)
 Chen's form: the curvature of the last batch only. Memory is ``O(H N (d_i + d_o))``, plus the warm-start
 solution (``d_o x d_i``, the size of the gradient) when ``warm_start`` is on.
 
+Operator. ``G U A`` is applied from the rows (``2 d_o d_i (N_a + N_g)`` per CG iteration, never forming a
+factor) or from ``Ā`` and ``Ḡ`` formed once per curvature batch (``d_o d_i (d_o + d_i)`` per iteration, plus the
+formation): the same map, so the same solve to round-off. ``operator="auto"`` (the default) takes the cheaper by
+:func:`~kronfac.linalg.cg.operator_costs`, per layer and curvature batch: the rows when the batch is small against
+the widths (an MLP of width 2048 at batch 32), the factors when it is not (sequence models, whose rows are
+batch x positions), with the rows' count weighted by ``ROWS_PENALTY`` for their thin products. The formed
+factors are a cache, rebuilt after each commit, not part of the checkpoint.
+
 Row normalisation follows :class:`~kronfac.curvature.factors.KroneckerFactors` exactly, so with ``history = 1``
 and the same batch the solve equals K-FAC's with factor decay 0 and exact (eigen) damping.
 """
@@ -17,6 +25,7 @@ and the same batch the solve equals K-FAC's with factor decay 0 and exact (eigen
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Any
 
 import torch
@@ -29,9 +38,26 @@ from kronfac.curvature.block import (
     reduce_input_rows,
     reduce_output_grad_rows,
 )
-from kronfac.linalg.cg import batch_operator, cg_solve
+from kronfac.linalg.cg import batch_operator, cg_solve, factor_operator, operator_costs
+from kronfac.validation import check_choice
 
-__all__ = ["CGBlock"]
+__all__ = ["CGBlock", "CGOperator"]
+
+
+#: How much slower per multiply-add the rows operator's products run than the factor operator's: its products
+#: have the batch's N as a thin dimension, which MKL runs below the square-product rate. Measured on this
+#: repository's 2-core CPU box (benchmarks/cgfac/operators.md, a loaded machine): 6-8x at N = 32, 1.3-3.7x at
+#: N = 128 (where the two operators' costs cross for a 512-wide layer); ``auto`` compares ``ROWS_PENALTY x`` the
+#: rows' count with the factors'.
+ROWS_PENALTY = 2.0
+
+
+class CGOperator(str, Enum):
+    """How :class:`CGBlock` applies ``G U A``: the cheaper of the two (``auto``), from the rows, from the factors."""
+
+    AUTO = "auto"
+    ROWS = "rows"
+    FACTORS = "factors"
 
 
 class CGBlock(CurvatureBlock):
@@ -47,6 +73,9 @@ class CGBlock(CurvatureBlock):
         diagonal_a: inputs are indices (Embedding); ``A`` is kept as token counts.
         approx: ``expand`` or ``reduce`` for weight-sharing positions.
         dtype: storage dtype of the rows.
+        operator: ``auto`` (the cheaper of the two), ``rows`` or ``factors`` (see the module docstring).
+        steps_per_batch: steps that precondition with one curvature batch (``factor_every``), over which
+            ``auto`` spreads the cost of forming the factors.
     """
 
     def __init__(
@@ -61,7 +90,11 @@ class CGBlock(CurvatureBlock):
         diagonal_a: bool = False,
         approx: Approximation = Approximation.EXPAND,
         dtype: torch.dtype = torch.float32,
+        operator: str = "auto",
+        steps_per_batch: int = 1,
     ) -> None:
+        self.operator = check_choice(CGOperator, "operator", operator)
+        self.steps_per_batch = max(1, int(steps_per_batch))
         self.d_in, self.d_out = d_in, d_out
         self.max_iters, self.tol, self.history, self.warm_start = max_iters, tol, history, warm_start
         self.diagonal_a, self.approx, self.dtype = diagonal_a, approx, dtype
@@ -76,6 +109,10 @@ class CGBlock(CurvatureBlock):
         self._g: list[Tensor] = []
         self._a_count = 0
         self._g_count = 0
+        #: the formed factors ``(Ā, Ḡ)`` when the factor operator is chosen: rebuilt after a commit
+        self._factors: tuple[Tensor, Tensor] | None = None
+        #: the operator the last solve used (``rows`` or ``factors``)
+        self.last_operator = ""
 
     # -- batch statistics -------------------------------------------------------------------------------
     def add_inputs(self, rows: Tensor) -> None:
@@ -152,6 +189,7 @@ class CGBlock(CurvatureBlock):
         self.batches.insert(0, (a, self._a_count, torch.cat(self._g), self._g_count))
         del self.batches[self.history :]
         self.decay = float(factor_decay)
+        self._factors = None
         self.discard_pending()
 
     # -- the solve --------------------------------------------------------------------------------------
@@ -171,11 +209,37 @@ class CGBlock(CurvatureBlock):
         a_rows = torch.stack(a_parts).sum(0) if self.diagonal_a else torch.cat(a_parts)
         return a_rows, torch.cat(g_parts)
 
+    def chosen_operator(self) -> str:
+        """``rows`` or ``factors``: the configured one, or under ``auto`` the cheaper for the stored batches
+        (the cost of forming the factors spread over the ``steps_per_batch`` solves that use them)."""
+        if self.operator is not CGOperator.AUTO:
+            return self.operator.value
+        a_rows = 0 if self.diagonal_a else sum(a.shape[0] for a, _, _, _ in self.batches)
+        g_rows = sum(g.shape[0] for _, _, g, _ in self.batches)
+        rows, factors, formation = operator_costs(
+            self.d_in,
+            self.d_out,
+            a_rows,
+            g_rows,
+            iterations=self.max_iters,  # not the last solve's count: a resumed run must choose as the first did
+            diagonal_a=self.diagonal_a,
+        )
+        return "factors" if factors + formation / self.steps_per_batch < ROWS_PENALTY * rows else "rows"
+
+    def _operator(self) -> Any:
+        kind = self.chosen_operator()
+        self.last_operator = kind
+        if kind == "factors":
+            if self._factors is None:
+                a_rows, g_rows = self.stacked_rows()
+                self._factors = (a_rows if self.diagonal_a else a_rows.T @ a_rows, g_rows.T @ g_rows)
+            return factor_operator(*self._factors, self.damping)
+        return batch_operator(*self.stacked_rows(), self.damping)
+
     def precondition(self, grad: Tensor) -> Tensor:
         if not self.batches:
             return grad
-        a_rows, g_rows = self.stacked_rows()
-        operator = batch_operator(a_rows, g_rows, self.damping)
+        operator = self._operator()
         rhs = grad.to(self.dtype)
         x0 = self.solution if self.warm_start and self.solution is not None else None
         result = cg_solve(operator, rhs, x0=x0, max_iters=self.max_iters, tol=self.tol)
@@ -187,6 +251,7 @@ class CGBlock(CurvatureBlock):
     def release(self) -> None:
         """Drop the stored rows and the warm start (another rank owns this layer's curvature)."""
         self.batches, self.solution = [], None
+        self._factors = None
         self.discard_pending()
 
     # -- checkpointing ----------------------------------------------------------------------------------
@@ -203,11 +268,15 @@ class CGBlock(CurvatureBlock):
         solution = state["solution"]
         self.solution = None if solution is None else solution.clone()
         self.damping, self.decay = float(state["damping"]), float(state["decay"])
+        self._factors = None
         self.discard_pending()
 
     def state_bytes(self) -> int:
-        """Bytes held between steps: the stored rows plus the warm-start solution."""
+        """Bytes held between steps: the stored rows, the formed factors when the solve uses them, and the
+        warm-start solution."""
         tensors = [t for a, _, g, _ in self.batches for t in (a, g)]
+        if self._factors is not None:
+            tensors += list(self._factors)
         if self.solution is not None:
             tensors.append(self.solution)
         return sum(t.numel() * t.element_size() for t in tensors)

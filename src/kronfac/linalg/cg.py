@@ -6,7 +6,10 @@ map ``U -> G U A + λ U``, never ``G ⊗ A`` itself.
 
 :func:`batch_operator` supplies it from the batch matrices ``a`` (``N x d_i``) and ``g`` (``N x d_o``) with
 ``A = a^T a / n_a`` and ``G = g^T g / n_g``; ``G U A = g^T (g U) a^T a / (n_a n_g)`` costs ``4 N d_i d_o`` and
-never forms ``A`` or ``G``. :class:`~kronfac.CGFAC` is the one optimizer that solves by CG.
+never forms ``A`` or ``G``; :func:`factor_operator` applies formed factors, ``G U A`` in
+``d_o d_i (d_o + d_i)``, which is cheaper once the rows outnumber the widths. :func:`operator_costs` counts both, so
+a caller can take the cheaper one (:class:`~kronfac.CGFAC` does, per layer). :class:`~kronfac.CGFAC` is the one
+optimizer that solves by CG.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["CGResult", "batch_operator", "cg_solve"]
+__all__ = ["CGResult", "batch_operator", "cg_solve", "factor_operator", "operator_costs"]
 
 MatrixOperator = Callable[[Tensor], Tensor]
 
@@ -102,3 +105,39 @@ def batch_operator(
         return gua.mul_(scale).add_(u, alpha=damping)
 
     return apply
+
+
+def factor_operator(a_factor: Tensor, g_factor: Tensor, damping: float) -> MatrixOperator:
+    """``U -> G U A + λ U`` with formed factors ``A`` (``d_i x d_i``, or a length-``d_i`` vector for a diagonal
+    ``A``) and ``G`` (``d_o x d_o``): ``d_o d_i (d_o + d_i)`` multiply-adds per application."""
+
+    def apply(u: Tensor) -> Tensor:
+        gu = g_factor @ u
+        gua = gu * a_factor if a_factor.ndim == 1 else gu @ a_factor
+        return gua.add_(u, alpha=damping)
+
+    return apply
+
+
+def operator_costs(
+    d_in: int, d_out: int, a_rows: int, g_rows: int, *, iterations: int, diagonal_a: bool = False
+) -> tuple[float, float, float]:
+    """Multiply-adds of ``iterations`` applications of :func:`batch_operator`, of ``iterations`` applications of
+    :func:`factor_operator`, and of forming its factors ``A = a^T a`` and ``G = g^T g`` from the rows.
+
+    Rows: ``2 d_o d_i (N_g + N_a)`` per application (``d_o d_i (2 N_g + 1)`` with a diagonal ``A``); factors:
+    ``d_o d_i (d_o + d_i)`` per application (``d_o d_i (d_o + 1)``); forming them ``d_o^2 N_g + d_i^2 N_a``
+    (``d_o^2 N_g``).
+    """
+    size = d_out * d_in
+    if diagonal_a:
+        return (
+            float(iterations * size * (2 * g_rows + 1)),
+            float(iterations * size * (d_out + 1)),
+            float(d_out * d_out * g_rows),
+        )
+    return (
+        float(iterations * 2 * size * (g_rows + a_rows)),
+        float(iterations * size * (d_out + d_in)),
+        float(d_out * d_out * g_rows + d_in * d_in * a_rows),
+    )

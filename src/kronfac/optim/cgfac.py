@@ -15,17 +15,19 @@ import torch
 from torch import Tensor, nn
 
 from kronfac.curvature.block import CurvatureBlock
-from kronfac.curvature.cg_block import CGBlock
+from kronfac.curvature.cg_block import CGBlock, CGOperator
 from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.optim.kfac import KFAC, KFAC_DEFAULTS
 from kronfac.optim.options import CaptureOptions, Schedule, check_bool, check_positive_int, check_range
+from kronfac.validation import check_choice
 
 __all__ = ["CGFAC", "CGFAC_DEFAULTS"]
 
 #: CG-FAC's own defaults (the rest are K-FAC's): at most 20 iterations to relative residual 1e-4, on the rows of
 #: the last curvature batch only (``history=1``, Chen 2021's form), cold-started (``warm_start``: see the class).
-CGFAC_DEFAULTS: dict[str, Any] = {"max_iters": 20, "tol": 1e-4, "history": 1, "warm_start": False}
+#: ``operator="auto"`` applies ``G U A`` from the rows or from formed factors, whichever costs less.
+CGFAC_DEFAULTS: dict[str, Any] = {"max_iters": 20, "tol": 1e-4, "history": 1, "warm_start": False, "operator": "auto"}
 
 
 class CGFAC(KFAC):
@@ -40,7 +42,9 @@ class CGFAC(KFAC):
        ``max_iters`` iterations or at relative residual ``tol``;
     3. KL clip, heavy-ball momentum and the learning rate as in :class:`~kronfac.KFAC`.
 
-    Memory per layer is ``O(history N (d_i + d_o))`` plus ``U``; K-FAC needs ``O(d_i^2 + d_o^2)``.
+    Memory per layer is ``O(history N (d_i + d_o))`` plus ``U``; K-FAC needs ``O(d_i^2 + d_o^2)``. When the rows
+    outnumber the widths (sequence models: N is batch x positions) forming ``A`` and ``G`` once per curvature
+    batch makes each iteration ``O(d_o d_i (d_o + d_i))`` instead; ``operator="auto"`` picks the cheaper per layer.
 
     Args:
         model: the model; its Linear (any leading dims), Conv2d and Embedding layers are preconditioned.
@@ -58,6 +62,10 @@ class CGFAC(KFAC):
             has large components (up to ``1/λ`` times the gradient) outside the span of the current batch's rows,
             where the residual is only ``λ U`` and CG hardly corrects them; on the digits MLP benchmark task
             (λ = 1e-3) warm-started CG-FAC diverged while cold-started CG-FAC trained well.
+        operator: how CG applies ``G U A``: ``"rows"`` (from the stored rows, ``2 d_o d_i (N_a + N_g)`` per
+            iteration), ``"factors"`` (from ``A`` and ``G`` formed once per curvature batch, ``d_o d_i (d_o + d_i)``
+            per iteration) or ``"auto"`` (the default: the cheaper by a multiply-add count, per layer and batch).
+            The same map either way: the solves agree to round-off.
         distributed: as for :class:`~kronfac.KFAC` (the rows of every rank are gathered).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
             max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
@@ -87,6 +95,7 @@ class CGFAC(KFAC):
         *,
         history: int = CGFAC_DEFAULTS["history"],
         warm_start: bool = CGFAC_DEFAULTS["warm_start"],
+        operator: str = CGFAC_DEFAULTS["operator"],
         distributed: DistributedConfig | bool | None = None,
         param_groups: Iterable[dict[str, Any]] | None = None,
         fisher_type: str = "empirical",
@@ -109,6 +118,7 @@ class CGFAC(KFAC):
         history = check_positive_int("history", history)
         self.max_iters, self.tol, self.history = max_iters, tol, history
         self.warm_start = check_bool("warm_start", warm_start)
+        self.operator = check_choice(CGOperator, "operator", operator)
         super().__init__(
             model,
             lr,
@@ -135,6 +145,8 @@ class CGFAC(KFAC):
             diagonal_a=helper.diagonal_a,
             approx=self.options.approx,
             dtype=self.options.statistics_dtype(helper.params(module)[0]),
+            operator=self.operator.value,
+            steps_per_batch=self.factor_every,
         )
 
     def state_bytes(self) -> int:
