@@ -41,10 +41,12 @@ BATCH = 128
 STEPS = {256: 60, 512: 30, 1024: 20, 2048: 10}
 WARMUP = 10  # one refresh, so every K-FAC step after it preconditions
 KFAC_VARIANTS: dict[str, Callable[[], kronfac.InverseConfig]] = {
-    "kfac": lambda: kronfac.EighConfig(),
+    "kfac": lambda: kronfac.CholeskyConfig(),  # the default: factored damping
+    "kfac-eigh": lambda: kronfac.EighConfig(),
     "kfac-warm": lambda: kronfac.EighConfig(refresh="warm"),
-    "kfac-factored": lambda: kronfac.CholeskyConfig(),
 }
+#: K-FAC's products per cheap step by backend: Cholesky G⁻¹ V A⁻¹ (2), eigenbasis Q_G (Q_Gᵀ V Q_A ⊙ S) Q_Aᵀ (4)
+FLOOR_VARIANTS = ("kfac", "kfac-eigh")
 PHASES = ("forward_backward", "statistics", "refresh", "precondition", "update")
 
 
@@ -189,8 +191,77 @@ def time_method(name: str, width: int, steps: int) -> dict[str, Any]:
     return out
 
 
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def floor_ms(width: int, variant: str) -> dict[str, float]:
+    """The floor of the algorithm a K-FAC variant runs on this model, from its primitives timed alone (ms):
+    forward+backward without hooks, the preconditioning products of one step, and per curvature step
+    (amortised over ``inverse_every`` = 10) the factor products ``aᵀa``, ``gᵀg`` and the factorizations
+    (Cholesky and its inverse, or ``eigh``) of every factor."""
+    split = TASKS["mlp-mnist1d"].load()
+    torch.manual_seed(0)
+    model = mlp([40, width, width, 10])
+    x, y = split.x_train[:BATCH], split.y_train[:BATCH]
+    repeats = max(3, STEPS.get(width, 10) // 2)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    layers = [(m.in_features + 1, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    grads = [torch.randn(d_o, d_i) for d_i, d_o in layers]
+    rows_a = [torch.randn(BATCH, d_i) for d_i, _ in layers]
+    rows_g = [torch.randn(BATCH, d_o) for _, d_o in layers]
+    factors = [(r.T @ r / BATCH + 1e-2 * torch.eye(r.shape[1])) for pair in zip(rows_a, rows_g) for r in pair]
+    if variant == "kfac":
+        mats = [(torch.linalg.inv(f_g), torch.linalg.inv(f_a)) for f_a, f_g in zip(factors[::2], factors[1::2])]
+
+        def products() -> None:
+            for (g_inv, a_inv), v in zip(mats, grads):
+                g_inv @ v @ a_inv
+
+        def factorize() -> None:
+            for f in factors:
+                torch.cholesky_inverse(torch.linalg.cholesky(f))
+    else:
+        bases = [
+            (torch.linalg.eigh(f_g)[1], torch.linalg.eigh(f_a)[1]) for f_a, f_g in zip(factors[::2], factors[1::2])
+        ]
+        scales = [torch.rand(v.shape) for v in grads]
+
+        def products() -> None:
+            for (q_g, q_a), v, scale in zip(bases, grads, scales):
+                q_g @ ((q_g.T @ v @ q_a) * scale) @ q_a.T
+
+        def factorize() -> None:
+            for f in factors:
+                torch.linalg.eigh(f)
+
+    def statistics_products() -> None:
+        for a, g in zip(rows_a, rows_g):
+            a.T @ a
+            g.T @ g
+
+    out = {
+        "forward_backward": _median_ms(forward_backward, repeats),
+        "products": _median_ms(products, repeats),
+        "statistics": _median_ms(statistics_products, repeats) / 10,
+        "refresh": _median_ms(factorize, max(3, repeats // 3)) / 10,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 DEFAULT_METHODS = [
-    "adamw", "kfac", "kfac-warm", "kfac-factored", "singd", "adafisher", "soap", "muon", "singd-ikfac", "asdl-kfac",
+    "adamw", "kfac", "kfac-eigh", "kfac-warm", "singd", "adafisher", "soap", "muon", "singd-ikfac", "asdl-kfac",
 ]  # fmt: skip
 
 
@@ -210,7 +281,10 @@ def main() -> None:
         samples: dict[str, list[float]] = {m: [] for m in methods}
         splits: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
         states: dict[str, int] = {}
+        floors: dict[str, list[dict[str, float]]] = {m: [] for m in methods if m in FLOOR_VARIANTS}
         for _ in range(args.rounds):
+            for name in floors:
+                floors[name].append(floor_ms(width, name))
             for name in methods:
                 result = time_method(name, width, STEPS.get(width, 10))
                 samples[name] += result["times"]
@@ -233,6 +307,12 @@ def main() -> None:
                     row[f"mean_vs_{peer}"] = means[name] / means[peer]
             if any(splits[name][0].values()):
                 row["split_ms"] = {k: statistics.fmean(s[k] for s in splits[name]) for k in PHASES}
+                refresh = row["split_ms"]["refresh"]
+                row["refresh_share_of_mean"] = refresh / means[name]
+            if name in floors:
+                floor = {k: statistics.median(f[k] for f in floors[name]) for k in floors[name][0]}
+                row["floor_ms"] = floor
+                row["mean_vs_floor"] = means[name] / floor["total"]
             rows[name] = row
         widths[str(width)] = {"steps_per_round": STEPS.get(width, 10), "methods": rows}
     result = {
@@ -267,7 +347,11 @@ def report(result: dict[str, Any]) -> str:
         f"{meta['torch']}. Load averages (1/5/15 min) {'/'.join(f'{x:.1f}' for x in meta['load_average_before'])} "
         f"before, {'/'.join(f'{x:.1f}' for x in meta['load_average_after'])} after: the machine was shared, so "
         "absolute times are noisy; the ratios are from the same interleaved rounds. Generated by "
-        "`benchmarks/speed/run.py`.",
+        "`benchmarks/speed/run.py`. `kfac` is K-FAC's default (`CholeskyConfig`, factored damping), `kfac-eigh` "
+        "exact eigen-damping, `kfac-warm` eigen-damping with warm-started refreshes. The floor of a K-FAC variant is "
+        "the sum of its primitives timed alone on this model: forward+backward without hooks, the preconditioning "
+        "products of one step (2 per layer with Cholesky, 4 with eigh), and per curvature step (amortised over 10 "
+        "steps) the factor products aᵀa, gᵀg and the factorizations.",
         "",
     ]
     for width, entry in result["widths"].items():
@@ -293,11 +377,24 @@ def report(result: dict[str, Any]) -> str:
                 "",
                 "Time split of the K-FAC variants, ms per step (mean over the timed steps):",
                 "",
-                "| method | " + " | ".join(PHASES) + " |",
-                "|---|" + "---|" * len(PHASES),
+                "| method | " + " | ".join(PHASES) + " | refresh share of the mean step | floor ms (fwd+bwd + "
+                "products + statistics + refresh) | mean / floor |",
+                "|---|" + "---|" * len(PHASES) + "---|---|---|",
             ]
             for name, split in split_rows.items():
-                lines.append(f"| {name} | " + " | ".join(f"{split[k]:.2f}" for k in PHASES) + " |")
+                row = rows[name]
+                floor = row.get("floor_ms")
+                floor_text = (
+                    f"{floor['total']:.2f} ({floor['forward_backward']:.2f} + {floor['products']:.2f} + "
+                    f"{floor['statistics']:.2f} + {floor['refresh']:.2f}) | {row['mean_vs_floor']:.2f}x"
+                    if floor
+                    else "— | —"
+                )
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{split[k]:.2f}" for k in PHASES)
+                    + f" | {row['refresh_share_of_mean']:.0%} | {floor_text} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
