@@ -27,7 +27,8 @@ from kronfac.linalg.eigh import EighConfig, refine_eigenbasis
 HERE = Path(__file__).parent
 
 
-def _median_ms(functions: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def median_ms(functions: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median ms of each function over ``reps`` interleaved repetitions (after one warm-up call each)."""
     samples: dict[str, list[float]] = {k: [] for k in functions}
     for f in functions.values():
         f()
@@ -55,7 +56,7 @@ def products(d: int, reps: int) -> dict[str, float]:
         u = (q_g.T @ v @ qa).mul_(scale[:, : qa.shape[0]])
         return q_g @ u @ qa.T
 
-    return _median_ms(
+    return median_ms(
         {
             "d+1": lambda: plain(q_a, grad),
             "padded": lambda: padded.precondition(grad),
@@ -68,7 +69,7 @@ def products(d: int, reps: int) -> dict[str, float]:
 def refresh(d: int, reps: int) -> dict[str, float]:
     old, new = _spd(d, 2), _spd(d, 2) * 0.9 + 0.1 * _spd(d, 3)
     basis = torch.linalg.eigh(old)[1]
-    return _median_ms(
+    return median_ms(
         {
             "eigh": lambda: torch.linalg.eigh(new),
             "warm (1 QR step)": lambda: refine_eigenbasis(new, basis, 1),

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from products import median_ms  # this folder's micro-benchmark timer (the script's folder is on sys.path)
 from torch import nn
 
 import kronfac
@@ -191,16 +192,6 @@ def time_method(name: str, width: int, steps: int) -> dict[str, Any]:
     return out
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
 def floor_ms(width: int, variant: str) -> dict[str, float]:
     """The floor of the algorithm a K-FAC variant runs on this model, from its primitives timed alone (ms):
     forward+backward without hooks, the preconditioning products of one step, and per curvature step
@@ -250,12 +241,17 @@ def floor_ms(width: int, variant: str) -> dict[str, float]:
             a.T @ a
             g.T @ g
 
-    out = {
-        "forward_backward": _median_ms(forward_backward, repeats),
-        "products": _median_ms(products, repeats),
-        "statistics": _median_ms(statistics_products, repeats) / 10,
-        "refresh": _median_ms(factorize, max(3, repeats // 3)) / 10,
-    }
+    out = median_ms(
+        {
+            "forward_backward": forward_backward,
+            "products": products,
+            "statistics": statistics_products,
+            "refresh": factorize,
+        },
+        repeats,
+    )
+    out["statistics"] /= 10  # once per curvature step, every 10 steps
+    out["refresh"] /= 10
     out["total"] = sum(out.values())
     return out
 

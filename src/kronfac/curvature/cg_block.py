@@ -90,7 +90,7 @@ class CGBlock(CurvatureBlock):
         diagonal_a: bool = False,
         approx: Approximation = Approximation.EXPAND,
         dtype: torch.dtype = torch.float32,
-        operator: str = "auto",
+        operator: str | CGOperator = "auto",
         steps_per_batch: int = 1,
     ) -> None:
         self.operator = check_choice(CGOperator, "operator", operator)
@@ -109,7 +109,9 @@ class CGBlock(CurvatureBlock):
         self._g: list[Tensor] = []
         self._a_count = 0
         self._g_count = 0
-        #: the formed factors ``(Ā, Ḡ)`` when the factor operator is chosen: rebuilt after a commit
+        #: the operator chosen for the stored batches and, with ``factors``, the formed ``(Ā, Ḡ)``: both derived
+        #: from the batches, so dropped whenever the batches change and rebuilt on the next solve
+        self._chosen: str | None = None
         self._factors: tuple[Tensor, Tensor] | None = None
         #: the operator the last solve used (``rows`` or ``factors``)
         self.last_operator = ""
@@ -189,7 +191,7 @@ class CGBlock(CurvatureBlock):
         self.batches.insert(0, (a, self._a_count, torch.cat(self._g), self._g_count))
         del self.batches[self.history :]
         self.decay = float(factor_decay)
-        self._factors = None
+        self._stored_changed()
         self.discard_pending()
 
     # -- the solve --------------------------------------------------------------------------------------
@@ -226,9 +228,13 @@ class CGBlock(CurvatureBlock):
         )
         return "factors" if factors + formation / self.steps_per_batch < ROWS_PENALTY * rows else "rows"
 
+    def _stored_changed(self) -> None:
+        self._chosen = self._factors = None
+
     def _operator(self) -> Any:
-        kind = self.chosen_operator()
-        self.last_operator = kind
+        if self._chosen is None:
+            self._chosen = self.chosen_operator()
+        kind = self.last_operator = self._chosen
         if kind == "factors":
             if self._factors is None:
                 a_rows, g_rows = self.stacked_rows()
@@ -251,7 +257,7 @@ class CGBlock(CurvatureBlock):
     def release(self) -> None:
         """Drop the stored rows and the warm start (another rank owns this layer's curvature)."""
         self.batches, self.solution = [], None
-        self._factors = None
+        self._stored_changed()
         self.discard_pending()
 
     # -- checkpointing ----------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ class CGBlock(CurvatureBlock):
         solution = state["solution"]
         self.solution = None if solution is None else solution.clone()
         self.damping, self.decay = float(state["damping"]), float(state["decay"])
-        self._factors = None
+        self._stored_changed()
         self.discard_pending()
 
     def state_bytes(self) -> int:

@@ -145,7 +145,7 @@ class CGFAC(KFAC):
             diagonal_a=helper.diagonal_a,
             approx=self.options.approx,
             dtype=self.options.statistics_dtype(helper.params(module)[0]),
-            operator=self.operator.value,
+            operator=self.operator,
             steps_per_batch=self.factor_every,
         )
 
