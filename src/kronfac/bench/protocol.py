@@ -57,7 +57,7 @@ class Suite:
     tasks: tuple[str, ...]
     methods: tuple[str, ...]
     protocol: Protocol
-    #: multiplies every task's steps (before ``--steps-scale``): the default suite's budget fits ~5 minutes
+    #: multiplies every task's steps (before ``--steps-scale``): the default suite's budget fits ~7 minutes (measured)
     steps_scale: float = 1.0
 
 
@@ -71,7 +71,7 @@ SUITES: dict[str, Suite] = {
         Protocol(trials=1, seeds=1, quick=True),
     ),
     "default": Suite(
-        "`make bench`: three small tasks at 0.6 of their steps, 4 trials at half budget, 2 seeds (about 5 "
+        "`make bench`: three small tasks at 0.6 of their steps, 4 trials at half budget, 2 seeds (about 7 "
         "minutes on 2 quiet cores)",
         ("mlp-mnist1d", "cnn-digits", "cnn-mnist1d"),
         CORE_METHODS,
