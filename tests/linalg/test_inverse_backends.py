@@ -116,3 +116,40 @@ def test_eigh_padded_products_equal_the_unpadded_formula(diagonal_a: bool) -> No
         expected = inverse.q_g @ ((inverse.q_g.T @ grad @ inverse.q_a) * scale) @ inverse.q_a.T
     torch.testing.assert_close(inverse.precondition(grad), expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(inverse.q_g @ torch.diag(inverse.s_g) @ inverse.q_g.T, g, atol=1e-12, rtol=0)
+
+
+def test_cholesky_batch_equals_one_layer_builds() -> None:
+    """A refresh of many layers stacks factors of equal shape (A of one layer may share a batch with G of another);
+    every inverse equals the one-layer build to round-off, diagonal A and unequal shapes included."""
+    from kronfac.linalg import InverseRequest, build_inverses
+
+    shapes = [(5, 3), (5, 3), (3, 5), (4, 4), (6, 2)]
+    requests = [
+        InverseRequest(spd(d_a, i), spd(d_g, 10 + i) * (i + 1), 1e-2 * (i + 1), None, f"l{i}")
+        for i, (d_a, d_g) in enumerate(shapes)
+    ]
+    requests.append(InverseRequest(spd(4, 20).diagonal().clone(), spd(3, 21), 3e-3, None, "emb"))
+    batched = build_inverses(CholeskyConfig(), requests)
+    for request, inverse in zip(requests, batched):
+        alone = CholeskyConfig().build(request.a_factor, request.g_factor, request.damping)
+        assert inverse is not None
+        for key, tensor in alone.tensors().items():
+            torch.testing.assert_close(inverse.tensors()[key], tensor, atol=1e-12, rtol=1e-12)
+
+
+def test_cholesky_batch_member_that_fails_takes_the_one_layer_path() -> None:
+    """An indefinite factor in a batch fails alone: the others keep their batched inverse, the failing layer is
+    retried on its own and, failing again, keeps its previous inverse with a warning naming it."""
+    from kronfac.linalg import InverseRequest, build_inverses
+
+    good = [InverseRequest(spd(4, i), spd(3, 5 + i), 1e-3, None, f"ok{i}") for i in range(2)]
+    bad_a = spd(4, 9)
+    bad_a[0, 0] = -10.0
+    previous = CholeskyConfig().build(spd(4, 9), spd(3, 9), 1e-3)
+    bad = InverseRequest(bad_a, spd(3, 8), 1e-3, previous, "broken")
+    with pytest.warns(RuntimeWarning, match="'broken'.*keeping the last good inverse"):
+        out = build_inverses(CholeskyConfig(), [good[0], bad, good[1]])
+    assert out[1] is previous
+    for request, inverse in zip(good, (out[0], out[2])):
+        expected = CholeskyConfig().build(request.a_factor, request.g_factor, request.damping)
+        torch.testing.assert_close(inverse.tensors()["a_inv"], expected.tensors()["a_inv"], atol=1e-12, rtol=1e-12)

@@ -53,7 +53,9 @@ class KroneckerInverse(ABC):
         return cls(**tensors)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        # A NaN or Inf anywhere makes the sum non-finite: one reduction per tensor instead of a boolean mask (a
+        # float32 sum that overflows on huge finite entries reads as non-finite, and the float64 retry decides).
+        return all(bool(torch.isfinite(t.sum())) for t in self.tensors().values() if t.is_floating_point())
 
 
 _INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {}
@@ -92,6 +94,9 @@ class InverseRequest:
 class InverseConfig(ABC):
     """Base of the typed configs that select an inverse backend."""
 
+    #: The backend reads one triangle of each factor (Cholesky): the factors are not symmetrized for it.
+    reads_one_triangle: ClassVar[bool] = False
+
     @abstractmethod
     def build(self, a_factor: Tensor, g_factor: Tensor, damping: float) -> KroneckerInverse:
         """Factorize the damped factors. May raise ``torch.linalg.LinAlgError`` or return non-finite tensors;
@@ -122,7 +127,8 @@ def build_inverse(
 
     Returns ``previous`` (possibly ``None``) with a :class:`RuntimeWarning` when both attempts fail.
     """
-    a_factor, g_factor = symmetrize(a_factor), symmetrize(g_factor)
+    if not config.reads_one_triangle:
+        a_factor, g_factor = symmetrize(a_factor), symmetrize(g_factor)
     first = torch.promote_types(a_factor.dtype, torch.float32)
     dtypes = [first] if first == torch.float64 else [first, torch.float64]
     error: Exception | None = None
@@ -150,7 +156,7 @@ def build_inverses(config: InverseConfig, requests: Sequence[InverseRequest]) ->
     results: list[KroneckerInverse | None] = [None] * len(requests)
     if len(requests) > 1:
         prepared = [
-            InverseRequest(*_prepared(r.a_factor, r.g_factor), r.damping, r.previous, r.layer) for r in requests
+            InverseRequest(*_prepared(config, r.a_factor, r.g_factor), r.damping, r.previous, r.layer) for r in requests
         ]
         try:
             results = list(config.build_batch(prepared))
@@ -171,8 +177,10 @@ def build_inverses(config: InverseConfig, requests: Sequence[InverseRequest]) ->
     return out
 
 
-def _prepared(a_factor: Tensor, g_factor: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetrized factors in float32 or their wider dtype (the first attempt of :func:`build_inverse`)."""
-    a_factor, g_factor = symmetrize(a_factor), symmetrize(g_factor)
+def _prepared(config: InverseConfig, a_factor: Tensor, g_factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetrized factors (unless the backend reads one triangle) in float32 or their wider dtype (the first
+    attempt of :func:`build_inverse`)."""
+    if not config.reads_one_triangle:
+        a_factor, g_factor = symmetrize(a_factor), symmetrize(g_factor)
     dtype = torch.promote_types(a_factor.dtype, torch.float32)
     return a_factor.to(dtype), g_factor.to(dtype)
