@@ -536,7 +536,7 @@ class KronOptimizer(Optimizer):
             ok = self.commit_curvature(hypers)
         if ok:
             if self.steps % self.refresh_every == 0:
-                self.refresh(hypers)
+                self.scheduled_refresh(hypers)
             steps = [self._group_step(i, hyper) for i, hyper in enumerate(hypers)]
             if self.correction is not None:
                 steps = self.correction.refine(steps)
@@ -637,6 +637,11 @@ class KronOptimizer(Optimizer):
             self.correction.after_refresh(
                 [(layer, h) for h, layers in zip(hypers, self.layer_groups) for layer in layers]
             )
+
+    def scheduled_refresh(self, hypers: list[dict[str, Any]]) -> None:
+        """The refresh of a refresh step (every ``refresh_every``): :meth:`refresh`, unless the method defers it
+        (K-FAC's ``async_refresh``)."""
+        self.refresh(hypers)
 
     def _group_step(self, index: int, hyper: dict[str, Any]) -> GroupStep:
         group = self.param_groups[index]
@@ -830,4 +835,9 @@ class KronOptimizer(Optimizer):
             if anchor is not None:
                 correction = checkpoint.to_device(correction, anchor.device)
             self.correction.load_state_dict(correction)
+        self.load_curvature_extra(extra)
         self._schedule_capture()
+
+    def load_curvature_extra(self, extra: dict[str, Any]) -> None:
+        """Restore what a method adds to :meth:`curvature_state_dict` (``extra``: the decoded blob, tensors on the
+        CPU); called at the end of :meth:`load_state_dict`."""

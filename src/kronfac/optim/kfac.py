@@ -19,11 +19,13 @@ from kronfac.distributed.config import DistributedConfig
 from kronfac.layers import LayerHelper
 from kronfac.linalg.base import InverseConfig
 from kronfac.linalg.cholesky import CholeskyConfig
+from kronfac.optim.async_refresh import AsyncRefresher
 from kronfac.optim.base import KronOptimizer
 from kronfac.optim.corrections.base import Correction
 from kronfac.optim.functional import momentum_state, momentum_update_
 from kronfac.optim.options import CaptureOptions, Schedule, check_positive_int, check_range
 from kronfac.optim.types import GroupStep
+from kronfac.validation import check_bool
 
 __all__ = ["KFAC", "KFAC_DEFAULTS"]
 
@@ -74,6 +76,10 @@ class KFAC(KronOptimizer):
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
             max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
             (:class:`~kronfac.optim.options.CaptureOptions`).
+        async_refresh: build the inverses of a refresh step in a background thread (a side CUDA stream on a
+            GPU) and install them at the next refresh step: the inverses are one refresh interval stale, the
+            refresh leaves the step's critical path (``kronfac.optim.async_refresh``). One process only, no
+            correction. Deterministic and exactly resumable; off by default (the synchronous step, bit for bit).
 
     Example:
         >>> import torch, kronfac
@@ -116,8 +122,10 @@ class KFAC(KronOptimizer):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         factor_dtype: torch.dtype | None = None,
+        async_refresh: bool = False,
     ) -> None:
         options = CaptureOptions.pick(locals())
+        async_refresh = check_bool("async_refresh", async_refresh)
         lr = check_range("lr", lr, 0.0)
         momentum = check_range("momentum", momentum, 0.0, 1.0)
         weight_decay = check_range("weight_decay", weight_decay, 0.0)
@@ -147,6 +155,47 @@ class KFAC(KronOptimizer):
             distributed=distributed,
             correction=correction,
         )
+        self.refresher: AsyncRefresher | None = None
+        if async_refresh:
+            if self.sync is not None or self.placement is not None:
+                self.close()
+                raise ValueError(
+                    "async_refresh=True runs on one process: distributed K-FAC already spreads the refresh over "
+                    "the ranks (pass async_refresh=False, or distributed=False to precondition each rank alone)"
+                )
+            if correction is not None:
+                self.close()
+                raise ValueError(
+                    f"async_refresh=True cannot be combined with a correction ({type(correction).__name__} reads "
+                    "the inverses of the refresh step itself)"
+                )
+            self.refresher = AsyncRefresher(
+                {name: layer.block for name, layer in self.layers.items()}  # type: ignore[misc]
+            )
+
+    def scheduled_refresh(self, hypers: list[dict[str, Any]]) -> None:
+        if self.refresher is None:
+            super().scheduled_refresh(hypers)
+            return
+        dampings = {layer.name: float(h["damping"]) for h, layers in zip(hypers, self.layer_groups) for layer in layers}
+        self.refresher.refresh(dampings)
+
+    def curvature_state_dict(self) -> dict[str, Any]:
+        state = super().curvature_state_dict()
+        if self.refresher is not None:
+            state["pending_inverses"] = self.refresher.state_dict()
+        return state
+
+    def load_curvature_extra(self, extra: dict[str, Any]) -> None:
+        if self.refresher is not None:
+            devices = {name: layer.params[0].device for name, layer in self.layers.items()}
+            self.refresher.load_state_dict(extra.get("pending_inverses", {}), devices.__getitem__)
+
+    def close(self) -> None:
+        refresher = getattr(self, "refresher", None)
+        if refresher is not None:
+            refresher.close()
+        super().close()
 
     def make_block(self, name: str, module: nn.Module, helper: LayerHelper, group: dict[str, Any]) -> CurvatureBlock:
         d_in, d_out = helper.dims(module)
