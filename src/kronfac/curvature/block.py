@@ -146,6 +146,12 @@ class CurvatureBlock(CurvatureStatistics):
         """Map the ``d_o x d_i`` gradient matrix to the update direction."""
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite: one reduction (a NaN or Inf makes the sum non-finite), with the elementwise
+    test only when the sum is not finite (it may have overflowed on huge finite entries)."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def refresh_blocks(work: list[tuple[CurvatureBlock, float]]) -> None:
     """Refresh every ``(block, damping)``, blocks of one type together (:meth:`CurvatureBlock.refresh_many`)."""
     by_type: dict[type[CurvatureBlock], list[tuple[CurvatureBlock, float]]] = {}
@@ -184,7 +190,7 @@ class SummedStatistics(CurvatureStatistics):
 
     def pending_nonfinite(self) -> str | None:
         for name, total in zip(self.statistic_names, (self._a_sum, self._g_sum)):
-            if total is not None and not bool(torch.isfinite(total).all()):
+            if total is not None and not all_finite(total):
                 return name
         return None
 

@@ -35,6 +35,7 @@ from kronfac.curvature.block import (
     Approximation,
     CurvatureBlock,
     PendingStatistics,
+    all_finite,
     reduce_input_rows,
     reduce_output_grad_rows,
 )
@@ -149,9 +150,9 @@ class CGBlock(CurvatureBlock):
         return bool(self._a) and bool(self._g) and self._g_count > 0
 
     def pending_nonfinite(self) -> str | None:
-        if any(not bool(torch.isfinite(t).all()) for t in self._a):
+        if not all(all_finite(t) for t in self._a):
             return "A"
-        if any(not bool(torch.isfinite(t).all()) for t in self._g):
+        if not all(all_finite(t) for t in self._g):
             return "G"
         return None
 
