@@ -17,6 +17,7 @@ One step, for every method (the method supplies only its math: :meth:`KronOptimi
 
 from __future__ import annotations
 
+import math
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
@@ -717,10 +718,17 @@ class KronOptimizer(Optimizer):
         """``ν = min(1, sqrt(κ / (α² Σ <U, ∇W>)))`` over the group's layers; the directions are scaled by ν."""
         lr, kl_clip = float(hyper["lr"]), float(hyper["kl_clip"])
         vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for _, g, u in pairs]).sum() * lr**2
-        # A non-positive vg (lr = 0 or round-off) gives ν = 1: the step is left alone.
-        nu = (kl_clip / vg.clamp_min(1e-30)).sqrt_().clamp_max_(1.0).masked_fill_(vg <= 0, 1.0)
+        scale: Tensor | float
+        if vg.device.type == "cpu":  # a host value costs nothing here: ν in Python, one scalar multiply per layer
+            value = float(vg)
+            # A non-positive vg (lr = 0 or round-off) gives ν = 1: the step is left alone.
+            scale = min(1.0, math.sqrt(kl_clip / value)) if value > 0 else 1.0
+            if scale == 1.0:
+                return pairs
+        else:  # no host sync on an accelerator
+            scale = (kl_clip / vg.clamp_min(1e-30)).sqrt_().clamp_max_(1.0).masked_fill_(vg <= 0, 1.0)
         # In place unless the preconditioner handed the gradient back (no inverse yet).
-        return [(layer, g, u * nu.to(u.dtype) if u is g else u.mul_(nu.to(u.dtype))) for layer, g, u in pairs]
+        return [(layer, g, u * scale if u is g else u.mul_(scale)) for layer, g, u in pairs]
 
     def _apply(self, step: GroupStep) -> None:
         if not step.params:
