@@ -848,4 +848,4 @@ class KronOptimizer(Optimizer):
 
     def load_curvature_extra(self, extra: dict[str, Any]) -> None:
         """Restore what a method adds to :meth:`curvature_state_dict` (``extra``: the decoded blob, tensors on the
-        CPU); called at the end of :meth:`load_state_dict`."""
+        CPU); called at the end of ``load_state_dict``."""
