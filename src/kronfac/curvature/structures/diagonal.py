@@ -50,6 +50,10 @@ class DiagonalMatrix(StructuredMatrix):
     def add_diagonal(self, value: float | Tensor) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag + value)
 
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        self.diag.add_(value)
+        return True
+
     def matmul(self, mat: Tensor) -> Tensor:
         return self.diag[:, None] * mat
 
@@ -62,6 +66,12 @@ class DiagonalMatrix(StructuredMatrix):
     def mm(self, other: DiagonalMatrix) -> DiagonalMatrix:
         self._check_same(other)
         return DiagonalMatrix(self.diag * other.diag)
+
+    def outer(self) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag * self.diag)
+
+    def outer_cost(self) -> int:
+        return 1
 
     def trace(self) -> Tensor:
         return self.diag.sum()

@@ -126,6 +126,12 @@ class HierarchicalMatrix(StructuredMatrix):
         E.diagonal().add_(value)
         return self._with(A, self.B, self.c + value, self.D, E)
 
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        self.A.diagonal().add_(value)
+        self.c.add_(value)
+        self.E.diagonal().add_(value)
+        return True
+
     def _split(self, mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         n1, m, n2 = self._sizes
         top, mid, bottom = mat.split([n1, m, n2], dim=0)
