@@ -34,6 +34,10 @@ class DenseMatrix(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return self.mat
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mat.dtype
+
     def tensors(self) -> dict[str, Tensor]:
         return {"mat": self.mat}
 

@@ -34,6 +34,10 @@ class DiagonalMatrix(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return torch.diag(self.diag)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diag.dtype
+
     def tensors(self) -> dict[str, Tensor]:
         return {"diag": self.diag}
 
