@@ -71,6 +71,11 @@ class DiagonalMatrix(StructuredMatrix):
         self._check_same(other)
         return DiagonalMatrix(self.diag * other.diag)
 
+    def add_mm(self, left: DiagonalMatrix, right: DiagonalMatrix, alpha: float = 1.0) -> DiagonalMatrix:
+        self._check_same(left)
+        self._check_same(right)
+        return DiagonalMatrix(torch.addcmul(self.diag, left.diag, right.diag, value=alpha))
+
     def outer(self) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag * self.diag)
 
