@@ -281,7 +281,9 @@ def render(results: dict[str, Any]) -> str:
             "",
             "KiB of every tensor in `optimizer.state_dict()` after one step (float32), and the ratio to AdamW / "
             "K-FAC (factors + eigendecompositions + momentum). SINGD's state is K, C, m_K, m_C of every layer plus "
-            "the momentum buffer; Embedding layers always keep a diagonal K.",
+            "the momentum buffer; IKFAC keeps no m_K, m_C (α1 = 0); Embedding layers always keep a diagonal K. "
+            "The K Kᵀ, C Cᵀ that `cache_outer` keeps between updates are derived, not in the state_dict, and not "
+            "counted here (`SINGD.state_bytes()` counts them; the speed study below lists both packages' state).",
             "",
             "| method | " + " | ".join(f"{t} KiB | ×AdamW | ×KFAC" for t in tasks) + " |",
             "| --- | " + " | ".join("--- | --- | ---" for _ in tasks) + " |",
