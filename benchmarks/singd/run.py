@@ -107,18 +107,36 @@ def memory_study() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- speed study
 def _time_steps(model: nn.Module, optimizer: Any, x: Tensor, y: Tensor, steps: int) -> list[float]:
+    """Seconds per full step; ``optimizer=None`` times the floor: the same zero_grad, forward and backward."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        if optimizer is None:
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
         times.append(time.perf_counter() - start)
     return times
 
 
-def speed_study(rounds: int = 4, steps_per_round: int = 8) -> dict[str, Any]:
-    """Median ms/step of kronfac.SINGD and singd's SINGD on the same model, data and structure, interleaved."""
+#: The speed study's settings: structure label -> (kronfac spec, singd spec, kfac_like).
+SPEED_STRUCTURES: dict[str, tuple[Any, str, bool]] = {
+    "dense": ("dense", "dense", False),
+    "dense (IKFAC)": ("dense", "dense", True),
+    "diagonal": ("diagonal", "diagonal", False),
+    "block_diagonal(30)": (("block_diagonal", {"block_size": 30}), "block30diagonal", False),
+    "hierarchical(15,15)": (("hierarchical", {"k1": 15, "k2": 15}), "hierarchical15_15", False),
+    "lower_toeplitz": ("lower_toeplitz", "triltoeplitz", False),
+}
+SPEED_ROUNDS, SPEED_STEPS, SPEED_WARMUP = 8, 10, 3
+
+
+def speed_study(rounds: int = SPEED_ROUNDS, steps_per_round: int = SPEED_STEPS) -> dict[str, Any]:
+    """Median ms/step of kronfac.SINGD, singd's SINGD and the floor (forward + backward alone) on the same model,
+    data and structure, in interleaved rounds; the optimizer-only ratio is (step - floor) / (singd step - floor)."""
     from singd.optim.optimizer import SINGD as ReferenceSINGD
 
     g = torch.Generator().manual_seed(0)
@@ -126,34 +144,54 @@ def speed_study(rounds: int = 4, steps_per_round: int = 8) -> dict[str, Any]:
         "mlp 40-256-256-10, batch 128": (lambda: mlp([40, 256, 256, 10]), torch.randn(128, 40, generator=g)),
         "cnn (2 conv + linear) 8x8, batch 64": (lambda: small_cnn(), torch.randn(64, 64, generator=g)),
     }
-    structures = {"dense": "dense", "diagonal": "diagonal", "block_diagonal(30)": "block30diagonal"}
-    structures |= {"hierarchical(15,15)": "hierarchical15_15", "lower_toeplitz": "triltoeplitz"}
-    hyper = {"lr": 1e-3, "momentum": 0.9, "damping": 1e-3, "alpha1": 0.5, "lr_cov": 1e-2}
     out: dict[str, Any] = {}
     for setup, (build, x) in setups.items():
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
-        for label, spec in structures.items():
+        for label, (spec, ref_spec, kfac_like) in SPEED_STRUCTURES.items():
             if setup.startswith("cnn") and label not in ("dense", "diagonal"):
                 continue
             for T in (1, 10):
+                hyper = {"lr": 1e-3, "momentum": 0.9, "damping": 1e-3, "lr_cov": 1e-2, "kfac_like": kfac_like}
+                hyper["alpha1"] = 0.0 if kfac_like else 0.5
                 torch.manual_seed(0)
-                ours_model, ref_model = build(), build()
+                ours_model, ref_model, floor_model = build(), build(), build()
                 ref_model.load_state_dict(ours_model.state_dict())
+                floor_model.load_state_dict(ours_model.state_dict())
                 ours = SINGD(ours_model, factor_every=T, structures=(spec, spec), **hyper)
+                runs: dict[str, tuple[nn.Module, Any]] = {"ours": (ours_model, ours), "floor": (floor_model, None)}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ref = ReferenceSINGD(ref_model, T=T, structures=(spec, spec), warn_unsupported=False, **hyper)
-                    _time_steps(ours_model, ours, x, y, 3)
-                    _time_steps(ref_model, ref, x, y, 3)
-                    t_ours: list[float] = []
-                    t_ref: list[float] = []
-                    for _ in range(rounds):  # interleave so that machine load hits both alike
-                        t_ours += _time_steps(ours_model, ours, x, y, steps_per_round)
-                        t_ref += _time_steps(ref_model, ref, x, y, steps_per_round)
-                ms_ours, ms_ref = 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_ref)
+                    ref = ReferenceSINGD(
+                        ref_model, T=T, structures=(ref_spec, ref_spec), warn_unsupported=False, **hyper
+                    )
+                    runs["ref"] = (ref_model, ref)
+                    times: dict[str, list[float]] = {name: [] for name in runs}
+                    for model, optimizer in runs.values():
+                        _time_steps(model, optimizer, x, y, SPEED_WARMUP)
+                    for _ in range(rounds):  # interleave so that machine load hits all three alike
+                        for name, (model, optimizer) in runs.items():
+                            times[name] += _time_steps(model, optimizer, x, y, steps_per_round)
+                ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+                mean = {name: 1e3 * statistics.fmean(t) for name, t in times.items()}
                 key = f"{setup} | {label} | T={T}"
-                out[key] = {"kronfac_ms": ms_ours, "singd_ms": ms_ref, "ratio": ms_ours / ms_ref}
-                print(f"speed {key}: {ms_ours:.2f} ms vs {ms_ref:.2f} ms ({ms_ours / ms_ref:.2f}x)", flush=True)
+                out[key] = {
+                    "kronfac_ms": ms["ours"],
+                    "singd_ms": ms["ref"],
+                    "floor_ms": ms["floor"],
+                    "kronfac_mean_ms": mean["ours"],
+                    "singd_mean_ms": mean["ref"],
+                    "floor_mean_ms": mean["floor"],
+                    "ratio": ms["ours"] / ms["ref"],
+                    "optimizer_ratio": (ms["ours"] - ms["floor"]) / (ms["ref"] - ms["floor"]),
+                    "mean_ratio": mean["ours"] / mean["ref"],
+                    "kronfac_state_bytes": ours.state_bytes(),
+                    "singd_state_bytes": state_bytes(ref),
+                }
+                print(
+                    f"speed {key}: {ms['ours']:.2f} ms vs {ms['ref']:.2f} ms, floor {ms['floor']:.2f} "
+                    f"({out[key]['ratio']:.2f}x, optimizer only {out[key]['optimizer_ratio']:.2f}x)",
+                    flush=True,
+                )
     return out
 
 
@@ -243,7 +281,9 @@ def render(results: dict[str, Any]) -> str:
             "",
             "KiB of every tensor in `optimizer.state_dict()` after one step (float32), and the ratio to AdamW / "
             "K-FAC (factors + eigendecompositions + momentum). SINGD's state is K, C, m_K, m_C of every layer plus "
-            "the momentum buffer; Embedding layers always keep a diagonal K.",
+            "the momentum buffer; IKFAC keeps no m_K, m_C (α1 = 0); Embedding layers always keep a diagonal K. "
+            "The K Kᵀ, C Cᵀ that `cache_outer` keeps between updates are derived, not in the state_dict, and not "
+            "counted here (`SINGD.state_bytes()` counts them; the speed study below lists both packages' state).",
             "",
             "| method | " + " | ".join(f"{t} KiB | ×AdamW | ×KFAC" for t in tasks) + " |",
             "| --- | " + " | ".join("--- | --- | ---" for _ in tasks) + " |",
@@ -264,26 +304,38 @@ def render(results: dict[str, Any]) -> str:
     if "speed" in results:
         speed = results["speed"]
         ratios = [v["ratio"] for v in speed.values()]
+        opt_ratios = [v["optimizer_ratio"] for v in speed.values()]
         lines += [
             "## Speed against the `singd` package",
             "",
-            "Median ms per full training step (forward, backward, optimizer step) of `kronfac.SINGD` and PyPI "
-            "`singd`'s `SINGD`, same model, data, structure and hyperparameters, 4 interleaved rounds of 8 steps "
-            "after 3 warm-up steps, CPU (shared, loaded machine: compare the ratios, not the absolute times). "
-            "T is the update interval of the factors.",
+            "Median ms per full training step (zero_grad, forward, backward, optimizer step) of `kronfac.SINGD` and "
+            "PyPI `singd`'s `SINGD`, same model, data, structure and hyperparameters, and of the floor: the same "
+            "zero_grad, forward and backward with no optimizer. "
+            f"{SPEED_ROUNDS} interleaved rounds (kronfac, singd, floor) of {SPEED_STEPS} steps after {SPEED_WARMUP} "
+            "warm-up steps, CPU, 1 thread, subnormals flushed. The box is shared with other jobs and was loaded "
+            "during the run: compare the ratios (taken within one run), not the absolute times. T is the update "
+            "interval of the factors (with T = 10 the median is a step without an update; the mean includes them). "
+            "Ratio: kronfac / singd step time; optimizer only: (kronfac - floor) / (singd - floor). State: bytes of "
+            "optimizer state, kronfac's `state_bytes()` (with the kept `K Kᵀ`, `C Cᵀ`) and every tensor of singd's "
+            "`state_dict()`. `dense (IKFAC)` is `kfac_like=True` (α1 = 0).",
             "",
-            "| model | structure | T | kronfac ms | singd ms | ratio |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| model | structure | T | kronfac ms | singd ms | floor ms | ratio | optimizer only | mean ratio "
+            "| kronfac state KiB | singd state KiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, v in speed.items():
             model, structure, T = key.split(" | ")
             lines.append(
-                f"| {model} | {structure} | {T[2:]} | {v['kronfac_ms']:.2f} | {v['singd_ms']:.2f} | {v['ratio']:.2f} |"
+                f"| {model} | {structure} | {T[2:]} | {v['kronfac_ms']:.2f} | {v['singd_ms']:.2f} "
+                f"| {v['floor_ms']:.2f} | {v['ratio']:.2f} | {v['optimizer_ratio']:.2f} | {v['mean_ratio']:.2f} "
+                f"| {_kib(v['kronfac_state_bytes'])} | {_kib(v['singd_state_bytes'])} |"
             )
         lines += [
             "",
-            f"Median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f}; goal at most 0.8x: "
-            f"met in {sum(r <= 0.8 for r in ratios)} of {len(ratios)} settings.",
+            f"Full step: median ratio {statistics.median(ratios):.2f}, worst {max(ratios):.2f}; goal at most 0.8x: "
+            f"met in {sum(r <= 0.8 for r in ratios)} of {len(ratios)} settings. Optimizer only: median ratio "
+            f"{statistics.median(opt_ratios):.2f}, worst {max(opt_ratios):.2f}; at most 0.8x in "
+            f"{sum(r <= 0.8 for r in opt_ratios)} of {len(opt_ratios)} settings.",
             "",
         ]
     if "bf16" in results:
@@ -317,10 +369,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--study", choices=["memory", "speed", "bf16", "all"], default="all")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # subnormal K entries would time the FPU's slow path, not the method
     path = HERE / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads"
+    results["machine"] = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     studies = {"memory": memory_study, "speed": speed_study, "bf16": bf16_study}
     for name, study in studies.items():
         if args.study in (name, "all"):

@@ -48,8 +48,9 @@ def test_ikfac_converges_to_damped_inverse(structure: str) -> None:
     eye_i, eye_o = torch.eye(d_i, dtype=torch.float64), torch.eye(d_o, dtype=torch.float64)
     torch.testing.assert_close(K @ K.T, torch.linalg.inv(A + damping * eye_i), rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(C @ C.T, torch.linalg.inv(G + damping * eye_o), rtol=1e-8, atol=1e-9)
-    # the momenta vanish at the fixed point
-    assert factors.m_K.to_dense().abs().max() < 1e-9
+    # IKFAC keeps no momenta; the one it would have had, ½ [K^T (A + λI) K - I], vanishes at the fixed point
+    assert factors.m_K is None and factors.m_C is None
+    assert (K.T @ (A + damping * eye_i) @ K - eye_i).abs().max() < 1e-9
 
 
 def test_ikfac_diagonal_fixed_point() -> None:
@@ -110,8 +111,8 @@ def test_kfac_like_drops_traces_and_momentum() -> None:
     dense = STRUCTURES["dense"]
     state = SINGDFactors(dense.from_dense(K0), dense.from_dense(K0), dense.from_dense(m0), dense.from_dense(m0))
     new = singd_step(state, a_factor=A, g_factor=3 * A, damping=lam, alpha1=0.9, lr_cov=0.1, kfac_like=True)
-    mK = 0.5 * (K0.T @ A @ K0 + lam * K0.T @ K0 - torch.eye(d))
-    torch.testing.assert_close(new.m_K.to_dense(), mK)
+    mK = 0.5 * (K0.T @ A @ K0 + lam * K0.T @ K0 - torch.eye(d))  # m0 does not enter, and no momentum is kept
+    assert new.m_K is None and new.m_C is None
     torch.testing.assert_close(new.K.to_dense(), K0 - 0.1 * K0 @ mK)
 
 

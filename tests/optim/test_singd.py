@@ -4,6 +4,7 @@ Embedding), bfloat16 training, schedules, per-group structures, memory, and erro
 from __future__ import annotations
 
 import importlib.util
+import io
 import warnings
 from typing import Any
 
@@ -269,9 +270,126 @@ def test_nonfinite_factor_update_is_reported() -> None:
         ({"lr_cov": -1.0}, "lr_cov"),
         ({"factor_every": 0}, "factor_every"),
         ({"preconditioner_dtype": "float32"}, "preconditioner_dtype"),
+        ({"cache_outer": 1}, "cache_outer"),
         ({"param_groups": [{"params": [], "structures": ("dense", "nope")}]}, "Invalid structure"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SINGD(mlp(torch.float32), **kwargs)
+
+
+CACHED_STRUCTURES = ["dense", "diagonal", "block_diagonal", "lower_triangular", "upper_triangular", "hierarchical"]
+
+
+@pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
+@pytest.mark.parametrize("structure", CACHED_STRUCTURES)
+def test_kept_outer_products_give_the_same_updates(structure: str, kfac_like: bool) -> None:
+    """With K K^T and C C^T kept between updates the parameters follow the four-product path to round-off
+    (float64, 12 steps, updates every 3)."""
+    x, y = classification_data()
+    data = [(x[i * 16 : (i + 1) * 16].double(), y[i * 16 : (i + 1) * 16]) for i in range(6)] * 2
+    params = {}
+    for cache in (True, False):
+        model = mlp(torch.float64)
+        opt = SINGD(
+            model,
+            lr=0.05,
+            lr_cov=0.05,
+            factor_every=3,
+            structures=(structure, structure),
+            kfac_like=kfac_like,
+            cache_outer=cache,
+        )
+        train(model, opt, data)
+        kept = [m for layer in opt.layers.values() for m in layer.block.outer_products()]  # type: ignore[attr-defined]
+        if not cache or structure == "hierarchical":  # hierarchical applies K twice: cheaper than its dense K K^T
+            assert all(m is None for m in kept)
+        else:
+            assert any(m is not None for m in kept)  # the comparison is not vacuous
+        params[cache] = [p.detach().clone() for p in model.parameters()]
+    start = [p.detach() for p in mlp(torch.float64).parameters()]
+    for cached, plain, p0 in zip(params[True], params[False], start):
+        assert not torch.equal(plain, p0)
+        torch.testing.assert_close(cached, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_outer_products_are_kept_only_where_they_save_work() -> None:
+    """A dense K (d_i x d_i) is squared when d_i < T d_o, C when d_o < T d_i (flops of T steps)."""
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    kept: dict[int, list[tuple[bool, bool]]] = {}
+    for T in (1, 10):
+        opt = SINGD(model, factor_every=T)
+        kept[T] = [tuple(m is not None for m in layer.block.outer_products()) for layer in opt.layers.values()]  # type: ignore[attr-defined,misc]
+        opt.close()
+    # layers (d_i, d_o) = (41, 256), (257, 256), (257, 10)
+    assert kept[1] == [(True, False), (False, True), (False, True)]
+    assert kept[10] == [(True, True), (True, True), (False, True)]
+
+
+@pytest.mark.parametrize("kfac_like", [True, False], ids=["ikfac", "singd-alpha1-0"])
+def test_no_momentum_buffers_without_riemannian_momentum(kfac_like: bool) -> None:
+    """IKFAC (and SINGD with α1 = 0) keep no m_K, m_C: not in the blocks, the checkpoint or state_bytes."""
+    x, y = classification_data()
+    sizes = {}
+    for label, kwargs in (("without", {"kfac_like": kfac_like, "alpha1": 0.0}), ("with", {"alpha1": 0.5})):
+        model = mlp(torch.float32)
+        opt = SINGD(model, factor_every=1, **kwargs)  # type: ignore[arg-type]
+        train(model, opt, [(x[:32], y[:32])] * 3)
+        blocks = [layer.block for layer in opt.layers.values()]
+        assert all(isinstance(b, SINGDBlock) for b in blocks)
+        momenta = [m for b in blocks for m in b.factors[2:]]  # type: ignore[attr-defined]
+        layer_states = [b.state_dict() for b in blocks]
+        if label == "without":
+            assert all(m is None for m in momenta)
+            assert all(set(state) == {"K", "C"} for state in layer_states)
+        else:
+            assert all(m is not None for m in momenta)
+            assert all(set(state) == {"K", "C", "m_K", "m_C"} for state in layer_states)
+        sizes[label] = opt.state_bytes()
+    momentum_bytes = sum(
+        4 * (layer.block.factors.K.num_params() + layer.block.factors.C.num_params())  # type: ignore[attr-defined]
+        for layer in opt.layers.values()
+    )
+    assert sizes["with"] - sizes["without"] == momentum_bytes
+
+
+@pytest.mark.parametrize("kfac_like", [False, True], ids=["singd", "ikfac"])
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "lower_triangular"])
+def test_checkpoint_round_trip_with_kept_products_is_exact(structure: str, kfac_like: bool) -> None:
+    """Save mid-interval (K K^T kept), load into a fresh model and optimizer: the next steps are bit-identical."""
+    x, y = classification_data()
+    data = [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(8)]
+    kwargs: dict[str, Any] = {"factor_every": 3, "structures": (structure, structure), "kfac_like": kfac_like}
+    model = mlp(torch.float32)
+    opt = SINGD(model, lr=0.05, lr_cov=0.05, **kwargs)
+    train(model, opt, data[:4])  # updates at steps 0 and 3: the products of step 3 are kept
+    assert any(m is not None for layer in opt.layers.values() for m in layer.block.outer_products())  # type: ignore[attr-defined]
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, data[4:])
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    restored = mlp(torch.float32)
+    restored.load_state_dict(saved["model"])
+    restored_opt = SINGD(restored, lr=0.05, lr_cov=0.05, **kwargs)
+    restored_opt.load_state_dict(saved["opt"])
+    train(restored, restored_opt, data[4:])
+    for p, q in zip(model.parameters(), restored.parameters()):
+        assert torch.equal(p, q)
+    for name, layer in opt.layers.items():
+        mine, theirs = layer.block.factors, restored_opt.layers[name].block.factors  # type: ignore[attr-defined]
+        for a, b in zip(mine, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
+
+
+@pytest.mark.parametrize("cache_outer", [True, False])
+def test_nonfinite_update_names_the_layer(cache_outer: bool) -> None:
+    """The one-reduction finiteness check still stops the step and names the layer and what went non-finite."""
+    x, y = classification_data()
+    model = mlp(torch.float32)
+    opt = SINGD(model, lr_cov=1e30, factor_every=1, cache_outer=cache_outer)
+    with pytest.raises(FloatingPointError, match=r"non-finite (K|C) in the SINGD update of layer '\d'"):
+        train(model, opt, [(x[:32] * 1e10, y[:32])] * 3)

@@ -5,6 +5,13 @@ capture hooks feed each batch straight into ``Π(K^T a^T a K)`` and ``Π(C^T g^T
 ``K`` and ``C``, so the per-layer memory is O(structure). On a due step, :meth:`SINGDBlock.commit` applies the
 update of :mod:`kronfac.curvature.singd_update`. Statistics are normalised exactly like K-FAC's factors
 (:mod:`kronfac.curvature.factors`): ``A`` is the mean over sample rows, ``G`` is scaled as for a summed loss.
+
+Between updates ``K`` and ``C`` do not change, so the block may keep ``K K^T`` and ``C C^T`` (formed at the first
+step after an update) and precondition with two products instead of four. It does so for a side only where that
+saves work over the ``T`` steps the product serves (:meth:`StructuredMatrix.outer_cost`): e.g. a dense ``K`` of
+a ``d_i x d_o`` layer costs ``d_i^3`` to square and saves ``d_o d_i^2`` a step, so it is kept when
+``d_i < T d_o``. The kept products are derived state (rebuilt from ``K``, ``C``; not in the checkpoint); they cost
+memory (``d^2`` for a dense or triangular side), which ``cache_outer=False`` saves.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from kronfac.curvature.block import (
 )
 from kronfac.curvature.singd_update import SINGDFactors, precondition, update_factors
 from kronfac.curvature.structures import StructuredMatrix, StructureSpec, make_structure, structure_from_state
+from kronfac.curvature.structures.base import all_finite
 
 __all__ = ["SINGDBlock"]
 
@@ -39,6 +47,8 @@ class SINGDBlock(CurvatureBlock):
         approx: ``expand`` or ``reduce`` for weight-sharing positions.
         dtype: dtype of ``K, C, m_K, m_C`` and of the computations with them.
         device: their device.
+        cache_outer: keep ``K K^T`` and ``C C^T`` between updates where that saves work (module docstring).
+        factor_every: ``T``, the steps each kept product serves (the optimizer's update interval).
     """
 
     def __init__(
@@ -52,17 +62,39 @@ class SINGDBlock(CurvatureBlock):
         approx: Approximation = Approximation.EXPAND,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
+        cache_outer: bool = True,
+        factor_every: int = 1,
     ) -> None:
         self.name, self.diagonal_a, self.approx = name, diagonal_a, approx
+        self.cache_outer, self.factor_every = cache_outer, factor_every
         spec_K = "diagonal" if diagonal_a else structures[0]
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.factors = SINGDFactors(
-            make_structure(spec_K, d_in, **kw),
-            make_structure(structures[1], d_out, **kw),
-            make_structure(spec_K, d_in, fill="zeros", **kw),
-            make_structure(structures[1], d_out, fill="zeros", **kw),
-        )
+        # the momenta start at zero, i.e. None: IKFAC and α1 = 0 never allocate them
+        self.factors = SINGDFactors(make_structure(spec_K, d_in, **kw), make_structure(structures[1], d_out, **kw))
         self._reset_pending()
+
+    @property
+    def factors(self) -> SINGDFactors:
+        """``K, C, m_K, m_C``; setting them drops the kept ``K K^T``, ``C C^T``."""
+        return self._factors
+
+    @factors.setter
+    def factors(self, factors: SINGDFactors) -> None:
+        self._factors = factors
+        self._outer: tuple[StructuredMatrix | None, StructuredMatrix | None] | None = None
+
+    def _kept_outer(self, factor: StructuredMatrix, columns: int) -> StructuredMatrix | None:
+        """``factor factor^T`` if it serves more than :meth:`~StructuredMatrix.outer_cost` columns in ``T`` steps."""
+        cost = factor.outer_cost() if self.cache_outer else None
+        return factor.outer() if cost is not None and cost < self.factor_every * columns else None
+
+    def outer_products(self) -> tuple[StructuredMatrix | None, StructuredMatrix | None]:
+        """The kept ``K K^T`` and ``C C^T`` (``None`` for a side that applies its factor twice), formed on first use
+        after an update."""
+        if self._outer is None:
+            K, C = self._factors.K, self._factors.C
+            self._outer = (self._kept_outer(K, C.dim), self._kept_outer(C, K.dim))
+        return self._outer
 
     def _reset_pending(self) -> None:
         self._h_K: StructuredMatrix | None = None
@@ -158,8 +190,9 @@ class SINGDBlock(CurvatureBlock):
             kfac_like=bool(kfac_like),
             h_scales=scales,
         )
-        # Non-finite statistics or momenta always reach K or C, so checking these two is enough.
-        if new.K.is_finite() and new.C.is_finite():
+        # Non-finite statistics or momenta always reach K or C, so checking these two is enough: one reduction
+        # per tensor; the diagnosis below runs only when something is wrong.
+        if all_finite([new.K, new.C]):
             self.factors = new
             return None
         if not H_K.is_finite() or not H_C.is_finite():
@@ -167,20 +200,36 @@ class SINGDBlock(CurvatureBlock):
         return "K" if not new.K.is_finite() else "C"
 
     def precondition(self, grad: Tensor) -> Tensor:
-        """``C C^T ∇W K K^T`` (in the block's dtype, returned in ``grad``'s dtype)."""
-        return precondition(self.factors.K, self.factors.C, grad)
+        """``C C^T ∇W K K^T`` (in the block's dtype, returned in ``grad``'s dtype), with the kept products."""
+        outer_K, outer_C = self.outer_products()
+        return precondition(self._factors.K, self._factors.C, grad, outer_K, outer_C)
 
     def num_state_elements(self) -> int:
-        """Scalars held by ``K, C, m_K, m_C`` (the memory of this layer's optimizer state, in elements)."""
-        return sum(m.num_params() for m in self.factors)
+        """Scalars held by ``K, C`` and the momenta that are kept (the memory of this layer's optimizer state, in
+        elements; the kept ``K K^T``, ``C C^T`` are :meth:`num_cache_elements`)."""
+        return sum(m.num_params() for m in self.factors if m is not None)
+
+    def num_cache_elements(self) -> int:
+        """Scalars held by the kept ``K K^T`` and ``C C^T`` (derived from ``K``, ``C``; not checkpointed)."""
+        return sum(m.num_params() for m in self._outer or () if m is not None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: matrix.state_dict() for name, matrix in zip(self.factors._fields, self.factors)}
+        return {name: m.state_dict() for name, m in zip(self.factors._fields, self.factors) if m is not None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        loaded = [structure_from_state(state[name]).clone() for name in SINGDFactors._fields]
-        for old, new in zip(self.factors, loaded):
-            if type(old) is not type(new) or old.dim != new.dim:
-                raise ValueError(f"Invalid state for layer {self.name!r}: {new!r} does not match {old!r}")
-        self.factors = SINGDFactors(*(m.to(device=old.device) for m, old in zip(loaded, self.factors)))
+        """Loads ``K``, ``C`` and the momenta the state has (a missing or ``None`` momentum is zero)."""
+        K, C = self.factors.K, self.factors.C
+        loaded: list[StructuredMatrix | None] = []
+        for name, like in zip(SINGDFactors._fields, (K, C, K, C)):
+            entry = state.get(name)
+            if entry is None:
+                if name in ("K", "C"):
+                    raise ValueError(f"Invalid state for layer {self.name!r}: no {name}")
+                loaded.append(None)
+                continue
+            new = structure_from_state(entry).clone()
+            if type(like) is not type(new) or like.dim != new.dim:
+                raise ValueError(f"Invalid state for layer {self.name!r}: {new!r} does not match {like!r}")
+            loaded.append(new.to(device=like.device))
+        self.factors = SINGDFactors(*loaded)  # type: ignore[arg-type]
         self._reset_pending()

@@ -13,7 +13,9 @@ ICML 2023. Notation of DESIGN.md: ``A = E[a a^T]`` (``d_i x d_i``), ``G = E[g g^
 
 IKFAC (``kfac_like=True``) drops the trace factors (they become 1) and the Riemannian momentum (``α1 = 0``);
 its fixed point is ``K^T (A + λI) K = I``, i.e. ``K K^T = (A + λI)^{-1}`` for the dense and triangular
-structures. The preconditioned gradient is ``C C^T ∇W K K^T``.
+structures. Without Riemannian momentum (IKFAC, or ``α1 = 0``) ``m_K`` and ``m_C`` are not kept (``None``, which
+stands for zero), as the reference package ``singd`` does. The preconditioned gradient is ``C C^T ∇W K K^T``: four
+products, or two with ``K K^T`` and ``C C^T`` formed once per update (:meth:`StructuredMatrix.outer`).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ __all__ = [
 
 
 class SINGDFactors(NamedTuple):
-    """The SINGD state of one layer: ``K``, ``C`` and their momenta ``m_K``, ``m_C``."""
+    """The SINGD state of one layer: ``K``, ``C`` and their momenta ``m_K``, ``m_C`` (``None``: zero, not kept)."""
 
     K: StructuredMatrix
     C: StructuredMatrix
-    m_K: StructuredMatrix
-    m_C: StructuredMatrix
+    m_K: StructuredMatrix | None = None
+    m_C: StructuredMatrix | None = None
 
 
 def batch_inner(K: StructuredMatrix, x: Tensor, num_samples: float | None = None) -> StructuredMatrix:
@@ -96,7 +98,8 @@ def update_factors(
             with ``s = 1 / N``); the factors are folded into the coefficients, saving a pass over each matrix.
 
     Returns:
-        The updated factors; every matrix stays in its structure.
+        The updated factors; every matrix stays in its structure. The momenta are ``None`` when the next update
+        does not read them (``kfac_like`` or ``alpha1 = 0``), so that IKFAC holds no momentum buffers.
 
     Raises:
         ValueError: If a hyperparameter is out of range.
@@ -124,14 +127,19 @@ def update_factors(
         coeff_HK, coeff_HC = tr_HC * (0.5 * s_K), tr_HK * (0.5 * s_C)
         coeff_KtK = CtC.trace() * (0.5 * damping / C.dim)
         coeff_CtC = KtK.trace() * (0.5 * damping / K.dim)
-    # m = ½ [c_H H + c_KtK KtK - I] (+ α1 m), with the ½ folded into the coefficients
-    new_m_K = H_K.scale(coeff_HK).add(KtK, alpha=coeff_KtK).add_diagonal(-0.5)
-    new_m_C = H_C.scale(coeff_HC).add(CtC, alpha=coeff_CtC).add_diagonal(-0.5)
-    if alpha1 != 0.0:
-        new_m_K = new_m_K.add(m_K, alpha=alpha1)
-        new_m_C = new_m_C.add(m_C, alpha=alpha1)
-    new_K = K.add(K.mm(new_m_K), alpha=-lr_cov)
-    new_C = C.add(C.mm(new_m_C), alpha=-lr_cov)
+    # m = ½ [c_H H + c_KtK KtK - I] (+ α1 m), with the ½ folded into the coefficients; one pass per term
+    terms_K: list[tuple[StructuredMatrix, float | Tensor]] = [(KtK, coeff_KtK)]
+    terms_C: list[tuple[StructuredMatrix, float | Tensor]] = [(CtC, coeff_CtC)]
+    if alpha1 != 0.0 and m_K is not None:
+        terms_K.append((m_K, alpha1))
+    if alpha1 != 0.0 and m_C is not None:
+        terms_C.append((m_C, alpha1))
+    new_m_K = H_K.scale_add(coeff_HK, terms_K, diagonal=-0.5)
+    new_m_C = H_C.scale_add(coeff_HC, terms_C, diagonal=-0.5)
+    new_K = K.add_mm(K, new_m_K, alpha=-lr_cov)
+    new_C = C.add_mm(C, new_m_C, alpha=-lr_cov)
+    if alpha1 == 0.0:  # the next update does not read them: keep no momentum buffers
+        return SINGDFactors(new_K, new_C)
     return SINGDFactors(new_K, new_C, new_m_K, new_m_C)
 
 
@@ -168,8 +176,21 @@ def singd_step(
     return update_factors(factors, H_K, H_C, damping=damping, alpha1=alpha1, lr_cov=lr_cov, kfac_like=kfac_like)
 
 
-def precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tensor:
+def precondition(
+    K: StructuredMatrix,
+    C: StructuredMatrix,
+    grad: Tensor,
+    outer_K: StructuredMatrix | None = None,
+    outer_C: StructuredMatrix | None = None,
+) -> Tensor:
     """``C C^T ∇W K K^T`` for the ``d_o x d_i`` gradient matrix ``∇W``, computed in the factors' dtypes.
+
+    Args:
+        K: The input-side factor (``d_i x d_i``).
+        C: The output-side factor (``d_o x d_o``).
+        grad: ``∇W``.
+        outer_K: ``K K^T`` (:meth:`StructuredMatrix.outer`) to apply in one product instead of two, or ``None``.
+        outer_C: ``C C^T`` likewise.
 
     Returns:
         The preconditioned gradient in ``grad``'s dtype.
@@ -179,6 +200,14 @@ def precondition(K: StructuredMatrix, C: StructuredMatrix, grad: Tensor) -> Tens
     """
     if grad.ndim != 2 or grad.shape != (C.dim, K.dim):
         raise ValueError(f"Invalid grad: shape {tuple(grad.shape)} (must be {C.dim} x {K.dim})")
-    right = K.matmul(K.matmul_t(grad.T.to(K.dtype))).T  # ∇W K K^T = (K K^T ∇W^T)^T
-    out = C.matmul(C.matmul_t(right.to(C.dtype)))
-    return out.to(grad.dtype)
+    dtype_K, dtype_C = K.dtype, C.dtype
+    right = grad if grad.dtype == dtype_K else grad.to(dtype_K)
+    if outer_K is not None:
+        right = outer_K.rmatmul(right)  # K K^T is symmetric
+    else:
+        # ∇W K K^T = (K (∇W K)^T)^T: both products have the gradient's d_o rows as their short side, which
+        # MKL runs faster than K^T ∇W^T with a d_o-column right operand (d_o = 10, d_i = 513: 0.16 vs 0.21 ms)
+        right = K.matmul(K.rmatmul(right).T).T
+    right = right if dtype_C == dtype_K else right.to(dtype_C)
+    out = outer_C.matmul(right) if outer_C is not None else C.matmul(C.matmul_t(right))
+    return out if out.dtype == grad.dtype else out.to(grad.dtype)

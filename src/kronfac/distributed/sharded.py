@@ -15,6 +15,7 @@ gradient-coupled weight decay, one of its parameters (``P``). First-order parame
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor
 __all__ = ["any_nonfinite_anywhere", "full", "is_sharded", "shard_like", "shards_any"]
 
 
+@functools.cache  # asked for every parameter of every step: import once
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

@@ -46,7 +46,8 @@ class SINGD(KronOptimizer):
 
     Per supported layer (Linear, Conv2d, Embedding) with gradient matrix ``∇W`` (``d_o x d_i``), SINGD keeps
     ``K`` (``d_i x d_i``, ``K K^T ≈ A^{-1}``), ``C`` (``d_o x d_o``, ``C C^T ≈ G^{-1}``) and momenta ``m_K, m_C``
-    in the chosen structures, initialised to ``I`` and ``0``. Every ``factor_every`` (``T``) steps, with
+    in the chosen structures, initialised to ``I`` and ``0`` (the momenta are kept only with ``α1 > 0``: IKFAC
+    holds none). Every ``factor_every`` (``T``) steps, with
     ``H_K = Π(K^T A K)``, ``H_C = Π(C^T G C)`` of the current batch::
 
         m_K <- α1 m_K + ½ [(tr H_C / d_o) H_K + λ (tr Π(C^T C) / d_o) Π(K^T K) - I],   K <- K - β1 K m_K
@@ -70,6 +71,11 @@ class SINGD(KronOptimizer):
             layers always keep a diagonal ``K`` (their ``A`` is diagonal).
         kfac_like: IKFAC instead of SINGD.
         preconditioner_dtype: dtype of ``K, C, m_K, m_C``; ``None`` uses each layer's parameter dtype.
+        cache_outer: keep ``K K^T`` and ``C C^T`` from one update of the factors to the next, so that a step
+            preconditions with two products instead of four, on each side where that saves work over the
+            ``factor_every`` steps it serves (dense, diagonal, block-diagonal and triangular structures; e.g. a
+            dense ``K`` of a ``d_o x d_i`` layer when ``d_i < factor_every · d_o``). The same update to round-off;
+            memory: up to ``d^2`` more per dense or triangular factor, which ``False`` saves.
         distributed: as for :class:`~kronfac.KFAC` (``H_K``, ``H_C`` are summed over the ranks).
         param_groups, fisher_type, loss, loss_average, approx, mc_samples, seed, grad_scaler, output_fn, on_nonfinite,
             max_skipped, accumulation_steps, include, exclude, factor_dtype: the shared capture options
@@ -100,6 +106,7 @@ class SINGD(KronOptimizer):
         structures: tuple[StructureSpec, StructureSpec] = ("dense", "dense"),
         kfac_like: bool = False,
         preconditioner_dtype: torch.dtype | None = None,
+        cache_outer: bool = True,
         *,
         distributed: DistributedConfig | bool | None = None,
         param_groups: Iterable[dict[str, Any]] | None = None,
@@ -132,6 +139,7 @@ class SINGD(KronOptimizer):
             if "structures" in group:
                 _check_structures(group["structures"])
         self.preconditioner_dtype = check_float_dtype("preconditioner_dtype", preconditioner_dtype)
+        self.cache_outer = check_bool("cache_outer", cache_outer)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -156,6 +164,8 @@ class SINGD(KronOptimizer):
             approx=self.options.approx,
             dtype=self.preconditioner_dtype or weight.dtype,
             device=weight.device,
+            cache_outer=self.cache_outer,
+            factor_every=self.factor_every,
         )
 
     def initial_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -171,12 +181,13 @@ class SINGD(KronOptimizer):
         )
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: ``K, C, m_K, m_C`` of every layer plus the momentum buffers."""
+        """Bytes of optimizer state: ``K, C`` and the kept momenta ``m_K, m_C`` of every layer, the kept products
+        ``K K^T``, ``C C^T`` (``cache_outer``) and the momentum buffers."""
         total = 0
         for layer in self.layers.values():
             block = layer.block
             assert isinstance(block, SINGDBlock)
-            total += block.num_state_elements() * block.dtype.itemsize
+            total += (block.num_state_elements() + block.num_cache_elements()) * block.dtype.itemsize
         for pstate in self.state.values():
             buf = pstate.get("momentum_buffer")
             if buf is not None:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kronfac.curvature.singd_update import SINGDFactors, precondition, singd_step
 from kronfac.curvature.structures import STRUCTURES, StructuredMatrix, make_structure, structure_from_state
+from kronfac.curvature.structures.base import all_finite
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -212,3 +213,46 @@ class StructureTestMixin:
         grad = torch.randn(C.dim, dim, dtype=dtype)
         Kd, Cd = K.to_dense(), C.to_dense()
         assert_close(precondition(K, C, grad), Cd @ Cd.T @ grad @ Kd @ Kd.T)
+
+    def test_outer(self, dim: int, dtype: torch.dtype) -> None:
+        """``outer()`` is ``K K^T`` (applied from either side), and preconditioning with it changes nothing."""
+        K, C = self.random(dim, dtype), self.random(dim + 1, dtype)
+        outer_K, outer_C = K.outer(), C.outer()
+        if outer_K is None:
+            assert K.outer_cost() is None and outer_C is None
+            return
+        cost = K.outer_cost()
+        assert isinstance(cost, int) and cost >= 1
+        Kd = K.to_dense()
+        assert_close(outer_K.to_dense(), Kd @ Kd.T)
+        grad = torch.randn(C.dim, dim, dtype=dtype)
+        assert_close(outer_K.rmatmul(grad), grad @ Kd @ Kd.T)
+        assert_close(precondition(K, C, grad, outer_K, outer_C), precondition(K, C, grad))
+        assert_close(precondition(K, C, grad, outer_K, None), precondition(K, C, grad))
+        assert_close(precondition(K, C, grad, None, outer_C), precondition(K, C, grad))
+
+    def test_scale_add_and_add_mm(self, dim: int, dtype: torch.dtype) -> None:
+        """The fused combinations equal the chained ones and leave their inputs alone."""
+        K, M, N = self.random(dim, dtype), self.random(dim, dtype), self.random(dim, dtype)
+        before = [m.to_dense().clone() for m in (K, M, N)]
+        coeff = torch.tensor(0.7, dtype=dtype)
+        fused = K.scale_add(-1.5, [(M, 0.3), (N, coeff)], diagonal=-0.5)
+        chained = K.scale(-1.5).add(M, alpha=0.3).add(N, alpha=coeff).add_diagonal(-0.5)
+        assert type(fused) is type(K)
+        assert_close(fused.to_dense(), chained.to_dense())
+        assert_close(K.add_mm(M, N, alpha=-0.2).to_dense(), K.add(M.mm(N), alpha=-0.2).to_dense())
+        for m, old in zip((K, M, N), before):
+            assert torch.equal(m.to_dense(), old)
+
+    def test_all_finite(self, dim: int, dtype: torch.dtype) -> None:
+        """One NaN or Inf anywhere is found; huge finite entries whose sum overflows are still finite."""
+        K = self.random(dim, dtype)
+        assert K.is_finite() and all_finite([K, self.make(dim, dtype)])
+        name, tensor = next((n, t) for n, t in K.tensors().items() if t.numel())
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = tensor.clone()
+            broken.view(-1)[-1] = bad
+            assert not K.with_tensors({**K.tensors(), name: broken}).is_finite()
+            assert not all_finite([self.make(dim, dtype), K.with_tensors({**K.tensors(), name: broken})])
+        huge = torch.full_like(tensor, torch.finfo(dtype).max / 2)
+        assert K.with_tensors({**K.tensors(), name: huge}).is_finite()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kronfac.curvature.structures.base import StructuredMatrix
+from kronfac.curvature.structures.dense import DenseMatrix
 
 __all__ = ["TriangularMatrix"]
 
@@ -83,6 +84,15 @@ class TriangularMatrix(StructuredMatrix):
     def mm(self, other: TriangularMatrix) -> TriangularMatrix:
         self._check_same(other)
         return self.like(self.to_dense() @ other.to_dense())
+
+    def outer(self) -> DenseMatrix:
+        """``L L^T`` is dense: ``d^2`` entries where ``L`` stores ``d (d + 1) / 2``, applied in one dense product
+        (``matmul`` of a triangular matrix is a dense product too)."""
+        dense = self.to_dense()
+        return DenseMatrix(dense @ dense.T)
+
+    def outer_cost(self) -> int:
+        return self.dim
 
     def trace(self) -> Tensor:
         return self.entries[self._diagonal_mask()].sum()

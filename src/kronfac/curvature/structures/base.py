@@ -22,6 +22,7 @@ Structures are immutable values: every operation returns a new object.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from kronfac.errors import KronfacRuntimeWarning, warn
 
-__all__ = ["StructuredMatrix"]
+__all__ = ["StructuredMatrix", "all_finite"]
 
 S = TypeVar("S", bound="StructuredMatrix")
 
@@ -121,7 +122,7 @@ class StructuredMatrix(ABC):
         return sum(t.numel() for t in self.tensors().values())
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        return all_finite([self])
 
     def scale(self: S, alpha: float | Tensor) -> S:
         """``alpha * self``."""
@@ -148,6 +149,33 @@ class StructuredMatrix(ABC):
 
     def __neg__(self: S) -> S:
         return self.scale(-1.0)
+
+    def add_mm(self: S, left: S, right: S, alpha: float = 1.0) -> S:
+        """``self + alpha * (left @ right)``; structures with a fused kernel (``addmm``) skip the temporary."""
+        return self.add(left.mm(right), alpha=alpha)
+
+    def scale_add(
+        self: S, alpha: float | Tensor, terms: Sequence[tuple[S, float | Tensor]] = (), diagonal: float = 0.0
+    ) -> S:
+        """``alpha * self + Σ c_i M_i + diagonal * I`` for ``terms = [(M_i, c_i), ...]``, into one new set of
+        tensors (one pass per term, no intermediate matrices; the coefficients may be 0-dim tensors)."""
+        out = {k: v * alpha for k, v in self.tensors().items()}  # fresh tensors: the in-place updates are safe
+        for other, coeff in terms:
+            self._check_same(other)
+            for key, tensor in other.tensors().items():
+                if isinstance(coeff, Tensor):
+                    out[key].addcmul_(tensor, coeff)
+                else:
+                    out[key].add_(tensor, alpha=coeff)
+        result = self.with_tensors(out)
+        if diagonal and not result._add_diagonal_inplace(diagonal):
+            result = result.add_diagonal(diagonal)
+        return result
+
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        """Add ``value * I`` to this object's own tensors and return True, where the structure can; only
+        :meth:`scale_add` calls it, on the tensors it has just made."""
+        return False
 
     def add_diagonal(self: S, value: float | Tensor) -> S:
         """``self + value * I``."""
@@ -210,6 +238,24 @@ class StructuredMatrix(ABC):
         self._warn_naive("mm")
         return self.like(self.to_dense() @ other.to_dense())
 
+    def outer(self) -> StructuredMatrix | None:
+        """``self @ self^T`` in a form that one product applies, or ``None`` where the structure has none.
+
+        SINGD's preconditioner ``C C^T ∇W K K^T`` then costs two products instead of four. The result may be of
+        another structure (dense for the triangular ones); it is symmetric, so ``matmul`` and ``rmatmul`` apply it
+        from either side. Structures whose own products are cheaper than a product with their outer (Toeplitz,
+        hierarchical) keep the default ``None``.
+        """
+        return None
+
+    def outer_cost(self) -> int | None:
+        """What forming :meth:`outer` costs, in columns of a product with ``self`` (``None``: no outer).
+
+        The outer pays off when it serves more columns than this before ``self`` changes: in SINGD, ``K K^T`` serves
+        ``d_o`` columns a step for ``T`` steps, so it is cached when ``outer_cost() < T d_o``.
+        """
+        return None
+
     def trace(self) -> Tensor:
         """Trace of the represented matrix (0-dim tensor)."""
         self._warn_naive("trace")
@@ -247,3 +293,21 @@ class StructuredMatrix(ABC):
     def __repr__(self) -> str:
         params = "".join(f", {k}={v}" for k, v in self.structure_params().items())
         return f"{type(self).__name__}(dim={self.dim}{params}, dtype={self.dtype})"
+
+
+def _total(t: Tensor) -> Tensor:
+    # half-precision sums would overflow long before the entries do
+    return (t.sum(dtype=torch.float32) if t.dtype.itemsize < 4 else t.sum()).float()
+
+
+def all_finite(matrices: Iterable[StructuredMatrix]) -> bool:
+    """Whether every entry of every matrix is finite, with one reduction per tensor and one host synchronisation.
+
+    A NaN or Inf anywhere makes a tensor's sum non-finite; that costs one pass without a boolean ``d x d`` mask
+    (``isfinite(t).all()`` costs about as much as a ``d x d`` product on a CPU). Only when a sum is not finite are
+    the entries checked one by one, since the sum of huge finite entries may overflow.
+    """
+    tensors = [t for m in matrices for t in m.tensors().values() if t.numel()]
+    if not tensors or bool(torch.isfinite(torch.stack([_total(t) for t in tensors])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -83,6 +83,11 @@ class BlockDiagonalMatrix(StructuredMatrix):
         last.diagonal().add_(value)
         return BlockDiagonalMatrix(blocks, last)
 
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        self.blocks.diagonal(dim1=1, dim2=2).add_(value)
+        self.last.diagonal().add_(value)
+        return True
+
     def _apply(self, mat: Tensor, transpose: bool) -> Tensor:
         head, tail = self._split_rows(mat)
         blocks = self.blocks.transpose(1, 2) if transpose else self.blocks
@@ -99,6 +104,18 @@ class BlockDiagonalMatrix(StructuredMatrix):
     def mm(self, other: BlockDiagonalMatrix) -> BlockDiagonalMatrix:
         self._check_same(other)
         return BlockDiagonalMatrix(torch.bmm(self.blocks, other.blocks), self.last @ other.last)
+
+    def add_mm(self, left: BlockDiagonalMatrix, right: BlockDiagonalMatrix, alpha: float = 1.0) -> BlockDiagonalMatrix:
+        self._check_same(left)
+        self._check_same(right)
+        blocks = torch.baddbmm(self.blocks, left.blocks, right.blocks, alpha=alpha)
+        return BlockDiagonalMatrix(blocks, torch.addmm(self.last, left.last, right.last, alpha=alpha))
+
+    def outer(self) -> BlockDiagonalMatrix:
+        return BlockDiagonalMatrix(torch.bmm(self.blocks, self.blocks.transpose(1, 2)), self.last @ self.last.T)
+
+    def outer_cost(self) -> int:
+        return self.block_size
 
     def trace(self) -> Tensor:
         return self.blocks.diagonal(dim1=1, dim2=2).sum() + self.last.diagonal().sum()

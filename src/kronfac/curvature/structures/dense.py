@@ -34,6 +34,10 @@ class DenseMatrix(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return self.mat
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mat.dtype
+
     def tensors(self) -> dict[str, Tensor]:
         return {"mat": self.mat}
 
@@ -50,6 +54,10 @@ class DenseMatrix(StructuredMatrix):
         mat.diagonal().add_(value)
         return DenseMatrix(mat)
 
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        self.mat.diagonal().add_(value)
+        return True
+
     def matmul(self, mat: Tensor) -> Tensor:
         return self.mat @ mat
 
@@ -62,6 +70,17 @@ class DenseMatrix(StructuredMatrix):
     def mm(self, other: DenseMatrix) -> DenseMatrix:
         self._check_same(other)
         return DenseMatrix(self.mat @ other.mat)
+
+    def add_mm(self, left: DenseMatrix, right: DenseMatrix, alpha: float = 1.0) -> DenseMatrix:
+        self._check_same(left)
+        self._check_same(right)
+        return DenseMatrix(torch.addmm(self.mat, left.mat, right.mat, alpha=alpha))
+
+    def outer(self) -> DenseMatrix:
+        return DenseMatrix(self.mat @ self.mat.T)
+
+    def outer_cost(self) -> int:
+        return self.dim
 
     def trace(self) -> Tensor:
         return self.mat.diagonal().sum()

@@ -34,6 +34,10 @@ class DiagonalMatrix(StructuredMatrix):
     def to_dense(self) -> Tensor:
         return torch.diag(self.diag)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diag.dtype
+
     def tensors(self) -> dict[str, Tensor]:
         return {"diag": self.diag}
 
@@ -50,6 +54,10 @@ class DiagonalMatrix(StructuredMatrix):
     def add_diagonal(self, value: float | Tensor) -> DiagonalMatrix:
         return DiagonalMatrix(self.diag + value)
 
+    def _add_diagonal_inplace(self, value: float) -> bool:
+        self.diag.add_(value)
+        return True
+
     def matmul(self, mat: Tensor) -> Tensor:
         return self.diag[:, None] * mat
 
@@ -62,6 +70,17 @@ class DiagonalMatrix(StructuredMatrix):
     def mm(self, other: DiagonalMatrix) -> DiagonalMatrix:
         self._check_same(other)
         return DiagonalMatrix(self.diag * other.diag)
+
+    def add_mm(self, left: DiagonalMatrix, right: DiagonalMatrix, alpha: float = 1.0) -> DiagonalMatrix:
+        self._check_same(left)
+        self._check_same(right)
+        return DiagonalMatrix(torch.addcmul(self.diag, left.diag, right.diag, value=alpha))
+
+    def outer(self) -> DiagonalMatrix:
+        return DiagonalMatrix(self.diag * self.diag)
+
+    def outer_cost(self) -> int:
+        return 1
 
     def trace(self) -> Tensor:
         return self.diag.sum()
